@@ -1,0 +1,5 @@
+"""`python -m diode` entry point."""
+
+from diode.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""The detector protocol every teacher, student and verifier satisfies (STYLE.md).
+
+- ``loss(images, targets) -> dict[str, Tensor]``: named, unweighted loss terms, differentiable
+  w.r.t. the images; ``loss_weights`` says how the detector's own training weights them.
+- ``predict(images) -> list[Prediction]``: post-processed detections (NMS) in the data contract.
+- ``bn_layers()``: every module holding ``running_mean``/``running_var`` buffers (frozen BN too).
+- ``loss_mode()``: a context in which heads compute training losses while every BN layer uses and
+  keeps its running statistics (what model inversion needs: DIODE section 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from diode.types import ImageSize, Prediction, Target
+
+
+class Detector(nn.Module):
+    """Base class: holds the class names and working image size and implements the BN helpers."""
+
+    arch: str = ""
+
+    def __init__(self, class_names: list[str], image_size: ImageSize) -> None:
+        super().__init__()
+        if not class_names:
+            raise ValueError("class_names must not be empty")
+        self.class_names = list(class_names)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.loss_weights: dict[str, float] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def loss(self, images: torch.Tensor, targets: list[Target]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def predict(self, images: torch.Tensor) -> list[Prediction]:
+        raise NotImplementedError
+
+    def weighted_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The detector's own training objective: its loss terms weighted by ``loss_weights``."""
+        return sum(self.loss_weights.get(k, 1.0) * v for k, v in terms.items())
+
+    def bn_layers(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of every layer with running statistics, in forward-definition order."""
+        return [(name, m) for name, m in self.named_modules()
+                if isinstance(getattr(m, "running_mean", None), torch.Tensor)
+                and isinstance(getattr(m, "running_var", None), torch.Tensor)]
+
+    @contextlib.contextmanager
+    def loss_mode(self) -> Iterator["Detector"]:
+        """Training-mode heads with every BN layer in eval mode; restores the previous modes."""
+        modes = {m: m.training for m in self.modules()}
+        self.train()
+        for _, bn in self.bn_layers():
+            bn.eval()
+        try:
+            yield self
+        finally:
+            for m, training in modes.items():
+                m.train(training)

@@ -13,13 +13,14 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torchvision.ops import box_convert
 
-from diode.data.dataset import DetectionDataset, Record, dataset_error
+from diode.data.dataset import DetectionDataset, Record, dataset_error, entry_arrays
 from diode.io import atomic_write_json
 
+# Largest image side accepted; PIL and torch index pixels with 32-bit integers.
+MAX_SIDE = 2**31 - 1
 # A box may overhang the image by this many pixels (rounding in annotation tools); `load` clips.
 BOX_TOLERANCE_PX = 1.0
 
@@ -40,11 +41,11 @@ def _as_float(value: Any) -> float | None:
 
 
 def _as_size(value: Any) -> int | None:
-    """``value`` as a positive integer pixel size (``480`` or ``480.0``), else None."""
+    """``value`` as an integer pixel size in 1..MAX_SIDE (``480`` or ``480.0``), else None."""
     if _is_int(value):
-        return value if value > 0 else None
+        return value if 0 < value <= MAX_SIDE else None
     number = _as_float(value)
-    if number is None or number <= 0 or not number.is_integer():
+    if number is None or not number.is_integer() or not 0 < number <= MAX_SIDE:
         return None
     return int(number)
 
@@ -110,7 +111,8 @@ def _read_images(json_path: Path, images: list) -> dict[int, tuple[str, int, int
         height, width = _as_size(image.get("height")), _as_size(image.get("width"))
         if height is None or width is None:
             raise dataset_error(
-                json_path, f"image id {image_id} needs positive integer 'height' and 'width'"
+                json_path,
+                f"image id {image_id} needs integer 'height' and 'width' in 1..{MAX_SIDE}",
             )
         out[image_id] = (file_name, height, width)
     return out
@@ -196,12 +198,6 @@ def read_coco(json_path: str | Path, images_dir: str | Path | None = None) -> De
     )
 
 
-def _as_array(values: Any, dtype: type) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values, dtype=dtype)
-
-
 def write_coco(json_path: str | Path, class_names: Sequence[str], entries: Sequence[dict]) -> None:
     """Write a COCO detection file, atomically.
 
@@ -213,16 +209,7 @@ def write_coco(json_path: str | Path, class_names: Sequence[str], entries: Seque
     json_path = Path(json_path)
     images, annotations = [], []
     for image_id, entry in enumerate(entries, start=1):
-        boxes = _as_array(entry["boxes"], np.float64).reshape(-1, 4)
-        labels = _as_array(entry["labels"], np.int64).reshape(-1)
-        if len(boxes) != len(labels):
-            raise dataset_error(
-                json_path, f"{entry['file_name']}: {len(boxes)} boxes but {len(labels)} labels"
-            )
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
-            raise dataset_error(
-                json_path, f"{entry['file_name']}: label outside 0..{len(class_names) - 1}"
-            )
+        boxes, labels = entry_arrays(json_path, entry, len(class_names))
         images.append(
             {
                 "id": image_id,

@@ -39,6 +39,31 @@ def dataset_error(path: str | Path, problem: str) -> DiodeError:
     return DiodeError(" ".join(f"{path}: {problem}".splitlines()))
 
 
+def entry_arrays(
+    path: str | Path, entry: dict, num_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``(boxes float64 [N, 4] xyxy, labels int64 [N])`` of a writer's entry dict.
+
+    ``boxes``/``labels`` may be tensors, arrays or lists; labels must be non-negative and, when
+    ``num_classes`` is given, below it. ``path`` is the file being written, named in errors.
+    """
+    def as_array(values: object, dtype: type) -> np.ndarray:
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu().numpy()
+        return np.asarray(values, dtype=dtype)
+
+    boxes = as_array(entry["boxes"], np.float64).reshape(-1, 4)
+    labels = as_array(entry["labels"], np.int64).reshape(-1)
+    name = entry["file_name"]
+    if len(boxes) != len(labels):
+        raise dataset_error(path, f"{name}: {len(boxes)} boxes but {len(labels)} labels")
+    if len(labels) and labels.min() < 0:
+        raise dataset_error(path, f"{name}: negative label")
+    if num_classes is not None and len(labels) and labels.max() >= num_classes:
+        raise dataset_error(path, f"{name}: label outside 0..{num_classes - 1}")
+    return boxes, labels
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 

@@ -10,7 +10,7 @@ Training assignment: a ground-truth box is matched at every level whose anchor d
 by less than ``ANCHOR_RATIO`` in width and height, in the cell holding its centre plus the two
 nearest neighbour cells (more positives, faster convergence). Losses (named, unweighted):
 ``box`` = 1 - CIoU over positives, ``obj`` = BCE against the detached IoU at positives and 0
-elsewhere (level-balanced), ``cls`` = BCE over positives.
+elsewhere (level-balanced), ``cls`` = BCE summed over classes, averaged over positives.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ class YoloLite(Detector):
                 iou = box_iou(pbox.detach(), tbox).diagonal().clamp(min=0)
                 obj_target[img, gy, gx] = iou.to(obj_target.dtype)
                 onehot = F.one_hot(tlabel, self.num_classes).float()
-                cls_loss = cls_loss + F.binary_cross_entropy_with_logits(pred[:, 5:], onehot, reduction="sum") / self.num_classes
+                cls_loss = cls_loss + F.binary_cross_entropy_with_logits(pred[:, 5:], onehot, reduction="sum")
                 n_pos += len(img)
             obj_loss = obj_loss + OBJ_BALANCE[level] * F.binary_cross_entropy_with_logits(raw[..., 4], obj_target)
         n_pos = max(n_pos, 1)

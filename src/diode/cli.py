@@ -1,0 +1,264 @@
+"""Command-line interface: parse, build through factories, call the library, set the exit code.
+
+Exit codes: 0 success, 2 bad input (one line on stderr naming the problem, no traceback unless
+``--debug``), 1 unexpected runtime failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import shlex
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+from diode import __version__
+from diode.errors import DiodeError
+
+
+def _image_size(values: list[int] | None) -> tuple[int, int] | None:
+    if values is None:
+        return None
+    h, w = values
+    if h < 1 or w < 1:
+        raise DiodeError(f"--image-size must be positive, got {h} {w}")
+    return h, w
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DiodeError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise DiodeError(f"--device {name!r}: not a device name (auto, cpu, cuda, cuda:N)") from None
+
+
+def _command_line(argv: list[str]) -> str:
+    return "diode " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _check_multiple(image_size: tuple[int, int], multiple: int = 32) -> None:
+    if image_size[0] % multiple or image_size[1] % multiple:
+        raise DiodeError(f"--image-size {image_size[0]} {image_size[1]}: both sides must be multiples of {multiple}")
+
+
+def _default_image_size(dataset) -> tuple[int, int]:
+    """The dataset's most common image size, rounded up to multiples of 32."""
+    if not dataset.records:
+        raise DiodeError(f"{dataset.source}: dataset has no images")
+    h, w = collections.Counter((r.height, r.width) for r in dataset.records).most_common(1)[0][0]
+    return -(-h // 32) * 32, -(-w // 32) * 32
+
+
+def _labels_to_model(dataset, class_names: list[str]) -> dict[int, int]:
+    """Map the dataset's class indices to the model's by name; unknown names are an error."""
+    missing = [n for n in dataset.class_names if n not in class_names]
+    if missing:
+        raise DiodeError(f"{dataset.source}: classes {missing} are not known to the model "
+                         f"(model classes: {', '.join(class_names)})")
+    return {i: class_names.index(n) for i, n in enumerate(dataset.class_names)}
+
+
+def _remap(targets: list[dict], mapping: dict[int, int]) -> list[dict]:
+    if all(k == v for k, v in mapping.items()):
+        return targets
+    lut = torch.tensor([mapping[i] for i in range(len(mapping))], dtype=torch.int64)
+    return [{**t, "labels": lut[t["labels"]]} for t in targets]
+
+
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    from diode.data.shapes import generate_shapes
+
+    size = _image_size(args.image_size)
+    out = generate_shapes(args.out, args.train, args.val, size, args.seed, progress=not args.quiet)
+    print(f"wrote {args.train} train + {args.val} val images ({size[0]}x{size[1]}) to {out} "
+          f"(COCO: {out}/train, {out}/val; YOLO: {out}/data.yaml)")
+    return 0
+
+
+def cmd_detectors(args: argparse.Namespace) -> int:
+    from diode.detectors.checkpoint import bundled_models, read_checkpoint
+    from diode.detectors.registry import list_detectors
+
+    print("architectures:")
+    for name, desc in list_detectors().items():
+        print(f"  {name:14s} {desc}")
+    print("bundled checkpoints:")
+    for name, path in bundled_models().items():
+        meta = read_checkpoint(path)
+        m = meta.get("metrics", {})
+        print(f"  {name:14s} {meta['arch']}, {len(meta['class_names'])} classes, "
+              f"{meta['image_size'][0]}x{meta['image_size'][1]}, val mAP@.5 {m.get('map_50', float('nan')):.3f}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from diode.config import TrainConfig
+    from diode.data import open_dataset
+    from diode.detectors.registry import build_detector
+    from diode.io import atomic_write_yaml
+    from diode.training.trainer import train_detector
+
+    out = Path(args.out)
+    if (out / "last.pt").exists() and not args.resume:
+        raise DiodeError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
+    try:
+        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
+                          eval_every=args.eval_every)
+    except ValueError as exc:
+        raise DiodeError(str(exc)) from None
+    train_set = open_dataset(args.data, split="train")
+    val_set = open_dataset(args.val, split="val")
+    image_size = _image_size(args.image_size) or _default_image_size(train_set)
+    _check_multiple(image_size)
+    device = _device(args.device)
+    torch.manual_seed(cfg.seed)
+    model = build_detector(args.arch, class_names=train_set.class_names, image_size=image_size).to(device)
+    print(f"training {args.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
+          f"{len(train_set)} images, {len(train_set.class_names)} classes, {image_size[0]}x{image_size[1]}, "
+          f"{device}", flush=True)
+    train_images, train_targets = train_set.load_all(image_size, progress=True)
+    val_images, val_targets = val_set.load_all(image_size, progress=True)
+    if len(val_images) == 0:
+        raise DiodeError(f"{args.val}: validation set has no images")
+    val_targets = _remap(val_targets, _labels_to_model(val_set, train_set.class_names))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_yaml(out / "config.yaml", {"command": args.command, "arch": args.arch, "data": str(args.data),
+                                            "val": str(args.val), "image_size": list(image_size),
+                                            "train": cfg.to_dict()})
+
+    def report(epoch) -> None:
+        m = epoch.metrics
+        val = f"  val mAP {m['map']:.3f}  mAP@.5 {m['map_50']:.3f}" if m else ""
+        losses = "  ".join(f"{k} {v:.3f}" for k, v in epoch.loss.items())
+        print(f"epoch {epoch.epoch:3d}/{cfg.epochs}  {losses}{val}", flush=True)
+
+    result = train_detector(model, train_images, train_targets, val_images, val_targets, cfg, out,
+                            command=args.command, resume=args.resume, on_epoch=report)
+    print(f"done: best val mAP {result.best_map:.3f}; checkpoints {out / 'best.pt'} and {out / 'last.pt'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from diode.data import open_dataset
+    from diode.detectors.checkpoint import load_detector
+    from diode.evaluation import evaluate_detector, format_table
+    from diode.io import atomic_write_json
+
+    device = _device(args.device)
+    model, _ = load_detector(args.model, device=device)
+    dataset = open_dataset(args.data, split=args.split)
+    images, targets = dataset.load_all(model.image_size, progress=True)
+    targets = _remap(targets, _labels_to_model(dataset, model.class_names))
+    metrics = evaluate_detector(model, images, targets, model.class_names, batch_size=args.batch_size,
+                                progress=True)
+    print(format_table(metrics))
+    if args.json:
+        atomic_write_json(args.json, {"model": str(args.model), "data": str(args.data), **metrics})
+        print(f"metrics written to {args.json}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from diode.data import open_dataset
+    from diode.detectors.checkpoint import load_detector
+    from diode.report.grids import save_grid
+
+    device = _device(args.device)
+    model, _ = load_detector(args.model, device=device)
+    dataset = open_dataset(args.data, split=args.split)
+    count = min(args.num_images, len(dataset))
+    images = torch.stack([dataset.load(i, model.image_size)[0] for i in range(count)])
+    with torch.inference_mode():
+        predictions = model.predict(images.to(device).float() / 255, score_thresh=args.score_thresh)
+    save_grid(args.out, images, predictions, model.class_names)
+    print(f"wrote predictions of {args.model} on {count} images to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diode", description="Data-free knowledge distillation of object detectors.")
+    parser.add_argument("--version", action="version", version=f"diode {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command_name", required=True)
+
+    data = sub.add_parser("data", help="generate datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    shapes = data_sub.add_parser("shapes", help="render the embedded shapes dataset (COCO + YOLO layouts)")
+    shapes.add_argument("--out", required=True, help="output folder")
+    shapes.add_argument("--train", type=int, default=2000, help="number of training images")
+    shapes.add_argument("--val", type=int, default=500, help="number of validation images")
+    shapes.add_argument("--image-size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--quiet", action="store_true", help="no progress bar")
+    shapes.set_defaults(func=cmd_data_shapes)
+
+    det = sub.add_parser("detectors", help="list detector architectures and bundled checkpoints")
+    det.set_defaults(func=cmd_detectors)
+
+    train = sub.add_parser("train", help="supervised training of a detector")
+    train.add_argument("--data", required=True, help="training set: COCO folder/json or YOLO data.yaml")
+    train.add_argument("--val", required=True, help="validation set (a data.yaml uses its 'val' split)")
+    train.add_argument("--arch", required=True, help="architecture name (see `diode detectors`)")
+    train.add_argument("--out", required=True, help="run folder for checkpoints and logs")
+    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                       help="working size (default: the data's most common size, rounded up to 32)")
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate")
+    train.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="COCO mAP of a detector on a labelled dataset")
+    ev.add_argument("--model", required=True, help="checkpoint path or bundled name (e.g. shapes-teacher)")
+    ev.add_argument("--data", required=True, help="COCO folder/json or YOLO data.yaml")
+    ev.add_argument("--split", default="val", help="split of a YOLO data.yaml (default val)")
+    ev.add_argument("--json", help="also write the metrics to this JSON file")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="draw a detector's predictions on dataset images (PNG grid)")
+    pr.add_argument("--model", required=True, help="checkpoint path or bundled name")
+    pr.add_argument("--data", required=True, help="COCO folder/json or YOLO data.yaml")
+    pr.add_argument("--split", default="val")
+    pr.add_argument("--out", required=True, help="PNG file to write")
+    pr.add_argument("--num-images", type=int, default=16)
+    pr.add_argument("--score-thresh", type=float, default=0.3)
+    pr.add_argument("--device", default="auto")
+    pr.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.command = _command_line(argv)
+    try:
+        return args.func(args)
+    except DiodeError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"diode: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diode: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"diode: error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                  f"(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1

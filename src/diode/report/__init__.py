@@ -1,0 +1,1 @@
+"""Pictures and pages: image grids with boxes (and, later, plots and the HTML report)."""

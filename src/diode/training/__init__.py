@@ -1,0 +1,1 @@
+"""Supervised training of detectors (the teacher and the real-label reference student)."""

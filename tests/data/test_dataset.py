@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from diode.data import (
@@ -24,9 +27,12 @@ from diode.errors import DiodeError
 
 
 def assert_one_line_error(excinfo: pytest.ExceptionInfo, name: str) -> None:
-    message = str(excinfo.value)
+    assert_one_line(str(excinfo.value), name)
+
+
+def assert_one_line(message: str, name: str) -> None:
     assert name in message
-    assert len(message.splitlines()) == 1
+    assert len(message.splitlines()) == 1, message
 
 
 def save_image(path: Path, mode: str, size_hw: tuple[int, int], fmt: str = "PNG") -> Image.Image:
@@ -258,3 +264,35 @@ def test_coco_json_is_plain(tmp_path: Path) -> None:
     write_tiny_coco(tmp_path)
     data = json.loads((tmp_path / "annotations.json").read_text())
     assert data["annotations"][0]["bbox"] == [1.0, 1.0, 4.0, 4.0]
+
+
+def png_bytes() -> bytes:
+    buf = io.BytesIO()
+    noise = np.random.default_rng(1).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PNG = png_bytes()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    cut=st.integers(0, len(PNG)),
+    flips=st.lists(st.tuples(st.integers(0, len(PNG) - 1), st.integers(1, 255)), max_size=4),
+)
+def test_fuzz_damaged_png(
+    tmp_path_factory: pytest.TempPathFactory, cut: int, flips: list[tuple[int, int]]
+) -> None:
+    """A truncated or bit-flipped PNG decodes or raises DiodeError, nothing else."""
+    data = bytearray(PNG)
+    for index, xor in flips:
+        data[index] ^= xor
+    folder = tmp_path_factory.mktemp("png")
+    (folder / "x.png").write_bytes(bytes(data[:cut]))
+    try:
+        image = one_image_dataset(folder, "x.png", 16, 16).read_image(0)
+    except DiodeError as exc:
+        assert_one_line(str(exc), "x.png")
+        return
+    assert image.dtype == torch.uint8 and image.shape[0] == 3

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torchvision.ops import box_convert
 
-from diode.data.dataset import DetectionDataset, Record, dataset_error, entry_arrays
+from diode.data.dataset import DetectionDataset, Record, brief, dataset_error, entry_arrays
 from diode.io import atomic_write_json
 
 # Largest image side accepted; PIL and torch index pixels with 32-bit integers.
@@ -69,12 +69,6 @@ def _load_json(json_path: Path) -> Any:
     # nesting) are malformed input too.
     except (ValueError, RecursionError) as exc:
         raise dataset_error(json_path, f"invalid JSON ({type(exc).__name__})") from None
-
-
-def _short(value: Any) -> str:
-    """A bounded repr of a user value for an error message."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _read_categories(json_path: Path, categories: list) -> dict[int, str]:
@@ -150,9 +144,9 @@ def read_coco(json_path: str | Path, images_dir: str | Path | None = None) -> De
         where = f"annotation id {ann_id}" if _is_int(ann_id) else f"annotations[{k}]"
         image_id, cat_id = ann.get("image_id"), ann.get("category_id")
         if not _is_int(image_id) or image_id not in images:
-            raise dataset_error(json_path, f"{where} refers to unknown image id {_short(image_id)}")
+            raise dataset_error(json_path, f"{where} refers to unknown image id {brief(image_id)}")
         if not _is_int(cat_id) or cat_id not in class_of:
-            raise dataset_error(json_path, f"{where} has unknown category id {_short(cat_id)}")
+            raise dataset_error(json_path, f"{where} has unknown category id {brief(cat_id)}")
         if ann.get("iscrowd", 0) == 1:
             continue
         bbox = ann.get("bbox")

@@ -39,6 +39,12 @@ def dataset_error(path: str | Path, problem: str) -> DiodeError:
     return DiodeError(" ".join(f"{path}: {problem}".splitlines()))
 
 
+def brief(value: object) -> str:
+    """A repr of a user value short enough for a one-line error message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def entry_arrays(
     path: str | Path, entry: dict, num_classes: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -95,8 +101,6 @@ def read_rgb(path: Path) -> torch.Tensor:
             array = _to_rgb_array(img)
     except FileNotFoundError:
         raise dataset_error(path, "image file not found") from None
-    except DiodeError:
-        raise
     # See read_image_size: any decoder failure means the file is not a usable image.
     except Exception as exc:
         raise dataset_error(path, f"cannot read image ({_describe(exc)})") from None
@@ -133,7 +137,7 @@ def letterbox(
         raise ValueError(f"letterbox expects a [C, h, w] image, got shape {tuple(image.shape)}")
     out_h, out_w = (int(s) for s in image_size)
     if out_h <= 0 or out_w <= 0:
-        raise ValueError(f"image_size must be positive (H, W), got {image_size}")
+        raise DiodeError(f"image_size must be positive (H, W), got {tuple(image_size)}")
     channels, h, w = image.shape
     scale = min(out_h / h, out_w / w)
     new_h = min(out_h, max(1, round(h * scale)))

@@ -22,6 +22,7 @@ from torchvision.ops import box_convert
 from diode.data.dataset import (
     DetectionDataset,
     Record,
+    brief,
     dataset_error,
     entry_arrays,
     read_image_size,
@@ -33,10 +34,6 @@ SPLITS = ("train", "val", "test")
 # Normalised boxes may overhang [0, 1] by this much (1 px on a 100 px image, as COCO allows);
 # `DetectionDataset.load` clips them.
 COORD_TOLERANCE = 0.01
-
-
-def _short(text: str) -> str:
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _load_yaml(yaml_path: Path) -> dict:
@@ -65,7 +62,7 @@ def _class_names(yaml_path: Path, data: dict) -> list[str]:
     """``names`` as a list (from a list or an ``{index: name}`` mapping), checked against ``nc``."""
     names, nc = data.get("names"), data.get("nc")
     if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int) or nc < 0):
-        raise dataset_error(yaml_path, f"'nc' must be a non-negative integer, got {nc!r}")
+        raise dataset_error(yaml_path, f"'nc' must be a non-negative integer, got {brief(nc)}")
     if names is None:
         if nc is None:
             raise dataset_error(yaml_path, "needs 'names' (or at least 'nc')")
@@ -88,7 +85,7 @@ def _split_images(yaml_path: Path, root: Path, split: str, value: Any) -> list[P
     files: list[Path] = []
     for entry in entries:
         if not isinstance(entry, str) or not entry:
-            raise dataset_error(yaml_path, f"'{split}' entries must be paths, got {entry!r}")
+            raise dataset_error(yaml_path, f"'{split}' entries must be paths, got {brief(entry)}")
         source = root / entry  # an absolute entry replaces root
         if source.is_dir():
             found = [
@@ -157,7 +154,7 @@ def _read_labels(
         if not cls.is_integer() or not 0 <= cls < num_classes:
             raise dataset_error(
                 label_file,
-                f"{where}: class {_short(fields[0])} is not an integer in 0..{num_classes - 1}",
+                f"{where}: class {brief(fields[0])} is not an integer in 0..{num_classes - 1}",
             )
         if w <= 0 or h <= 0:
             raise dataset_error(label_file, f"{where}: box width and height must be positive")
@@ -187,7 +184,7 @@ def read_yolo(yaml_path: str | Path, split: str = "train") -> DetectionDataset:
     if root_value is None:
         root_value = "."
     if not isinstance(root_value, str):
-        raise dataset_error(yaml_path, f"'path' must be a folder path, got {root_value!r}")
+        raise dataset_error(yaml_path, f"'path' must be a folder path, got {brief(root_value)}")
     root = yaml_path.parent.absolute() / root_value
     if data.get(split) is None:
         raise dataset_error(yaml_path, f"no '{split}' split")

@@ -1,0 +1,26 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.diode-installed
+
+.PHONY: demo test setup clean-venv
+
+setup: $(STAMP)
+
+# (Re)create the venv when it is missing, broken, or older than the pinned requirements.
+$(STAMP): requirements.lock pyproject.toml
+	@if ! $(PY) -c "import sys; assert sys.version_info[:2] >= (3, 10)" 2>/dev/null; then \
+		rm -rf $(VENV); $(PYTHON) -m venv $(VENV); fi
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/diode demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -124,11 +124,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"training {args.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
           f"{len(train_set)} images, {len(train_set.class_names)} classes, {image_size[0]}x{image_size[1]}, "
           f"{device}", flush=True)
+    if len(val_set) == 0:
+        raise DiodeError(f"{args.val}: validation set has no images")
+    val_mapping = _labels_to_model(val_set, train_set.class_names)
     train_images, train_targets = train_set.load_all(image_size, progress=True)
     val_images, val_targets = val_set.load_all(image_size, progress=True)
-    if len(val_images) == 0:
-        raise DiodeError(f"{args.val}: validation set has no images")
-    val_targets = _remap(val_targets, _labels_to_model(val_set, train_set.class_names))
+    val_targets = _remap(val_targets, val_mapping)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_yaml(out / "config.yaml", {"command": args.command, "arch": args.arch, "data": str(args.data),
                                             "val": str(args.val), "image_size": list(image_size),
@@ -155,8 +156,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model, _ = load_detector(args.model, device=device)
     dataset = open_dataset(args.data, split=args.split)
+    mapping = _labels_to_model(dataset, model.class_names)
     images, targets = dataset.load_all(model.image_size, progress=True)
-    targets = _remap(targets, _labels_to_model(dataset, model.class_names))
+    targets = _remap(targets, mapping)
     metrics = evaluate_detector(model, images, targets, model.class_names, batch_size=args.batch_size,
                                 progress=True)
     print(format_table(metrics))

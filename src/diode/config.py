@@ -53,3 +53,161 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class LossWeights:
+    """Weights of the synthesis loss terms (METHOD.md section 1; paper: task 0.5, bn 0.1,
+    bn_first 2.0, tv_l1 75, tv_l2 0)."""
+
+    task: float = 0.5  # the teacher's own detection loss on the requested boxes
+    bn: float = 0.1  # feature-distribution matching summed over the hooked BN layers
+    bn_first: float = 2.0  # the same term for the first BN layer alone, added again
+    tv_l1: float = 75.0  # total variation, mean absolute neighbour difference
+    tv_l2: float = 0.0  # total variation, L2 norm of neighbour differences
+    l2: float = 0.0  # image L2 norm (DeepInversion; DIODE uses 0)
+
+    def __post_init__(self) -> None:
+        for key, value in asdict(self).items():
+            if value < 0:
+                raise ValueError(f"weights.{key} must be >= 0, got {value}")
+
+
+@dataclass
+class SynthAugmentConfig:
+    """Box-aware augmentation re-sampled every iteration (METHOD.md section 1, step 1)."""
+
+    flip_p: float = 0.5  # horizontal flip probability (boxes flipped)
+    brightness: float = 0.2  # std of the per-image additive brightness offset
+    contrast: float = 0.1  # std of the per-image multiplicative contrast change
+    erase_p: float = 0.5  # random erasing probability per image (filled with 0)
+    erase_area: tuple[float, float] = (0.02, 0.2)  # erased area fraction range
+    erase_aspect: tuple[float, float] = (0.3, 3.3)  # erased rectangle aspect range
+    scale: tuple[float, float] = (1.0, 1.0)  # random zoom range seen by the teacher (1, 1 = off)
+
+    def __post_init__(self) -> None:
+        for key in ("flip_p", "erase_p"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ValueError(f"augment.{key} must be in [0, 1], got {getattr(self, key)}")
+        for key in ("brightness", "contrast"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"augment.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("erase_area", "erase_aspect", "scale"):
+            lo, hi = getattr(self, key)
+            if not 0 < lo <= hi:
+                raise ValueError(f"augment.{key} must be an increasing positive range, got {getattr(self, key)}")
+
+
+@dataclass
+class StageConfig:
+    """One optimisation stage; stages run in order, each starting from the previous images."""
+
+    iterations: int = 2000  # optimiser steps in this stage
+    scale: float = 1.0  # stage resolution relative to the output image size
+    pixel_scale: float = 1.0  # optimised pixel grid relative to the stage resolution (<1: smoother)
+    lr: float = 0.2  # peak learning rate (cosine decay to lr_min)
+    lr_min: float = 0.0  # final learning rate
+    betas: tuple[float, float] = (0.0, 0.0)  # Adam betas; (0, 0) is sign-gradient descent (paper stage 1)
+    jitter: float = 0.125  # max roll jitter as a fraction of the stage side (paper 20 px at 160 px)
+    weights: LossWeights = field(default_factory=LossWeights)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weights, dict):
+            self.weights = LossWeights(**self.weights)
+        if self.iterations < 0:
+            raise ValueError(f"stages[].iterations must be >= 0, got {self.iterations}")
+        if not 0 < self.scale <= 1 or not 0 < self.pixel_scale <= 1:
+            raise ValueError(f"stages[].scale and pixel_scale must be in (0, 1], got {self.scale}, {self.pixel_scale}")
+        if self.lr <= 0 or self.lr_min < 0 or self.lr_min > self.lr:
+            raise ValueError(f"stages[].lr must be > 0 and lr_min in [0, lr], got {self.lr}, {self.lr_min}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"stages[].betas must be in [0, 1), got {self.betas}")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"stages[].jitter must be in [0, 1), got {self.jitter}")
+
+
+@dataclass
+class TargetConfig:
+    """Which boxes to draw (METHOD.md section 2)."""
+
+    sampler: str = "one-box"  # one-box (paper), multi-box, or dataset (layout from real labels)
+    min_side: float = 0.2  # box side range as a fraction of the image side
+    max_side: float = 0.8
+    boxes_per_image: tuple[int, int] = (1, 4)  # multi-box: boxes per image range
+    max_iou: float = 0.3  # multi-box: max IoU between boxes of one image
+    dataset: str = ""  # sampler=dataset: the labelled dataset whose layouts are used
+
+    def __post_init__(self) -> None:
+        if self.sampler not in ("one-box", "multi-box", "dataset"):
+            raise ValueError(f"targets.sampler must be one-box, multi-box or dataset, got {self.sampler!r}")
+        if not 0 < self.min_side <= self.max_side <= 1:
+            raise ValueError(f"targets.min_side/max_side must satisfy 0 < min <= max <= 1, got "
+                             f"{self.min_side}, {self.max_side}")
+        if self.sampler == "dataset" and not self.dataset:
+            raise ValueError("targets.dataset must name a dataset when targets.sampler is 'dataset'")
+
+
+@dataclass
+class TilingConfig:
+    """Multi-object images from a grid of one-box images (METHOD.md section 2)."""
+
+    enabled: bool = False  # compose tiles after the stages, then refine
+    grid: tuple[int, int] = (2, 2)  # rows, columns
+    refine: StageConfig = field(default_factory=lambda: StageConfig(iterations=200, lr=0.05, lr_min=0.0))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.refine, dict):
+            self.refine = StageConfig(**self.refine)
+        if min(self.grid) < 1:
+            raise ValueError(f"tiling.grid must be >= 1 x 1, got {self.grid}")
+
+
+@dataclass
+class BNConfig:
+    layers: str | int = "all"  # all, the first N, or comma-separated name globs (e.g. "stage*")
+    p: float = 2.0  # norm of the mean/variance differences (not raised to p)
+    mean_weight: float = 1.0  # weight of the mean term inside each layer
+    var_weight: float = 1.0  # weight of the variance term inside each layer
+
+
+@dataclass
+class SynthesisConfig:
+    """A synthesis recipe (see configs/*.yaml)."""
+
+    batch_size: int = 32  # images optimised together (BN statistics are over this batch)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    targets: TargetConfig = field(default_factory=TargetConfig)
+    augment: SynthAugmentConfig = field(default_factory=SynthAugmentConfig)
+    bn: BNConfig = field(default_factory=BNConfig)
+    fp: "FPConfig" = None  # type: ignore[assignment]  # false-positive aggregation (set in __post_init__)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    precision: str = "fp32"  # fp32 or bf16 (autocast)
+    log_every: int = 50  # iterations between recorded loss values (no host sync in between)
+
+    def __post_init__(self) -> None:
+        from diode.synthesis.fp_aggregation import FPConfig
+
+        self.stages = [StageConfig(**s) if isinstance(s, dict) else s for s in self.stages]
+        for key, cls in (("targets", TargetConfig), ("augment", SynthAugmentConfig), ("bn", BNConfig),
+                         ("tiling", TilingConfig)):
+            if isinstance(getattr(self, key), dict):
+                setattr(self, key, cls(**getattr(self, key)))
+        if self.fp is None:
+            self.fp = FPConfig()
+        elif isinstance(self.fp, dict):
+            self.fp = FPConfig(**self.fp)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.stages:
+            raise ValueError("stages must list at least one stage")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+
+    @property
+    def total_iterations(self) -> int:
+        return sum(s.iterations for s in self.stages) + (self.tiling.refine.iterations if self.tiling.enabled else 0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

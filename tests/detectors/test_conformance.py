@@ -95,7 +95,7 @@ def test_loss_returns_finite_named_scalars(detector: Detector) -> None:
         assert isinstance(value, torch.Tensor) and value.dim() == 0, key
         assert torch.isfinite(value), (key, value)
     # With real positives every term contributes something.
-    assert all(float(v) > 0 for v in terms.values()), terms
+    assert all(float(v.detach()) > 0 for v in terms.values()), terms
     weighted = detector.weighted_loss(terms)
     expected = sum(detector.loss_weights[k] * terms[k] for k in terms)
     assert torch.allclose(weighted, expected)
@@ -238,8 +238,8 @@ def test_yolo_lite_no_positive_means_zero_box_and_cls() -> None:
     detector = _build("yolo-lite-n")
     with detector.loss_mode():
         terms = detector.loss(_images(), [_target([], []), _target([], [])])
-    assert float(terms["box"]) == 0.0 and float(terms["cls"]) == 0.0
-    assert float(terms["obj"]) > 0.0
+    assert float(terms["box"].detach()) == 0.0 and float(terms["cls"].detach()) == 0.0
+    assert float(terms["obj"].detach()) > 0.0
 
 
 # ----- base-class helpers on a toy detector ----------------------------------------------------

@@ -2,7 +2,8 @@
 
 - ``loss(images, targets) -> dict[str, Tensor]``: named, unweighted loss terms, differentiable
   w.r.t. the images; ``loss_weights`` says how the detector's own training weights them.
-- ``predict(images) -> list[Prediction]``: post-processed detections (NMS) in the data contract.
+- ``predict(images, score_thresh=None, iou_thresh=None) -> list[Prediction]``: post-processed
+  detections (NMS) in the data contract; the thresholds override the detector's defaults.
 - ``bn_layers()``: every module holding ``running_mean``/``running_var`` buffers (frozen BN too).
 - ``loss_mode()``: a context in which heads compute training losses while every BN layer uses and
   keeps its running statistics (what model inversion needs: DIODE section 1).
@@ -39,7 +40,8 @@ class Detector(nn.Module):
     def loss(self, images: torch.Tensor, targets: list[Target]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def predict(self, images: torch.Tensor) -> list[Prediction]:
+    def predict(self, images: torch.Tensor, score_thresh: float | None = None,
+                iou_thresh: float | None = None) -> list[Prediction]:
         raise NotImplementedError
 
     def weighted_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:

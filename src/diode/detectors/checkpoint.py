@@ -71,8 +71,13 @@ def load_detector(spec: str | Path, *, device: torch.device | str = "cpu") -> tu
         names = ", ".join(bundled) or "none"
         raise DiodeError(f"{spec}: no such checkpoint file or bundled model (bundled: {names})")
     payload = read_checkpoint(path)
-    detector = build_detector(payload["arch"], class_names=payload["class_names"],
-                              image_size=tuple(payload["image_size"]))
+    try:
+        detector = build_detector(payload["arch"], class_names=payload["class_names"],
+                                  image_size=tuple(payload["image_size"]))
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, DiodeError):
+            raise
+        raise DiodeError(f"{path}: invalid checkpoint metadata ({str(exc).splitlines()[0][:160]})") from None
     try:
         detector.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:

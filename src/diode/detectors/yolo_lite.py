@@ -154,9 +154,11 @@ class YoloLite(Detector):
         return torch.cat(boxes, 1), torch.cat(scores, 1)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, score_thresh: float | None = None) -> list[Prediction]:
+    def predict(self, images: torch.Tensor, score_thresh: float | None = None,
+                iou_thresh: float | None = None) -> list[Prediction]:
         """Detections per image after class-aware NMS (at most `max_detections`)."""
         thresh = self.score_thresh if score_thresh is None else score_thresh
+        iou_thresh = self.iou_thresh if iou_thresh is None else iou_thresh
         boxes, scores = self.decode(self(images))
         height, width = images.shape[-2:]
         predictions = []
@@ -170,7 +172,7 @@ class YoloLite(Detector):
             box = img_boxes[cell]
             box[:, 0::2] = box[:, 0::2].clamp(0, width)
             box[:, 1::2] = box[:, 1::2].clamp(0, height)
-            keep = batched_nms(box, score, label, self.iou_thresh)[: self.max_detections]
+            keep = batched_nms(box, score, label, iou_thresh)[: self.max_detections]
             predictions.append({"boxes": box[keep], "scores": score[keep], "labels": label[keep]})
         return predictions
 

@@ -1,0 +1,77 @@
+"""Record the per-channel statistics of the inputs of a detector's BN layers.
+
+Hooks are attached by module, found by the presence of running statistics (so frozen BN counts),
+and selected by name pattern or count, never by layer index into a hard-coded list. Statistics
+are recorded only inside `recording()`, so the teacher's ordinary forwards (NMS, evaluation) pay
+nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from diode.errors import DiodeError
+
+
+def select_bn_layers(layers: list[tuple[str, nn.Module]], selection: str | int | None) -> list[tuple[str, nn.Module]]:
+    """All layers (None / "all"), the first `n` (int), or those matching comma-separated glob patterns."""
+    if selection is None or selection == "all":
+        chosen = layers
+    elif isinstance(selection, int):
+        if selection < 1:
+            raise DiodeError(f"bn.layers: a count must be >= 1, got {selection}")
+        chosen = layers[:selection]
+    else:
+        patterns = [p.strip() for p in str(selection).split(",") if p.strip()]
+        chosen = [(n, m) for n, m in layers if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not chosen:
+        raise DiodeError(f"bn.layers {selection!r} selects no BN layer (the detector has {len(layers)})")
+    return chosen
+
+
+class BNStatsRecorder:
+    """Forward pre-hooks recording (mean, biased var) over (B, H, W) of each selected BN input."""
+
+    def __init__(self, layers: list[tuple[str, nn.Module]]) -> None:
+        self.names = [n for n, _ in layers]
+        self.modules = [m for _, m in layers]
+        self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
+        self._active = False
+        self._handles = [m.register_forward_pre_hook(self._make_hook(i)) for i, m in enumerate(self.modules)]
+
+    def _make_hook(self, index: int):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            if self._active:
+                x = inputs[0].float()  # statistics in fp32 even under bf16 autocast
+                var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+                self.stats[index] = (mean, var)
+        return hook
+
+    def running(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The layers' running (mean, var): the teacher's record of its training data."""
+        return [(m.running_mean.float(), m.running_var.float()) for m in self.modules]
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator["BNStatsRecorder"]:
+        self.stats = [None] * len(self.modules)
+        self._active = True
+        try:
+            yield self
+        finally:
+            self._active = False
+
+    def recorded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        missing = [n for n, s in zip(self.names, self.stats) if s is None]
+        if missing:
+            raise RuntimeError(f"BN layers not reached by the forward pass: {missing[:3]}")
+        return self.stats  # type: ignore[return-value]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

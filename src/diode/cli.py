@@ -185,6 +185,73 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; initialises the process group."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world == 1:
+        return 0, 1, _device(device_arg)
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and device_arg in ("auto", "cuda"):
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return rank, world, device
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from diode.detectors.checkpoint import load_detector
+    from diode.synthesis.recipes import build_config, load_recipe
+    from diode.synthesis.runner import RunSpec, SynthesisRun
+
+    if args.num_images < 1:
+        raise DiodeError(f"--num-images must be >= 1, got {args.num_images}")
+    rank, world, device = _distributed(args.device)
+    teacher, _ = load_detector(args.teacher, device=device)
+    if args.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    cfg = build_config(load_recipe(args.recipe), batch_size=args.batch_size, iterations=args.iterations,
+                       precision=args.precision, source=f"--recipe {args.recipe}")
+    image_size = _image_size(args.image_size) or teacher.image_size
+    _check_multiple(image_size)
+    verifier = load_detector(args.verifier, device=device)[0] if args.verifier else None
+    if verifier is not None and verifier.class_names != teacher.class_names:
+        raise DiodeError(f"--verifier {args.verifier}: its classes differ from the teacher's")
+    spec = RunSpec(args.num_images, image_size, args.seed, str(args.teacher), cfg)
+    run = SynthesisRun(teacher, spec, Path(args.out), rank=rank, world_size=world, verifier=verifier,
+                       command=args.command)
+    run.check_or_write_settings()
+    if rank == 0:
+        print(f"synthesizing {spec.num_images} images ({image_size[0]}x{image_size[1]}) from {args.teacher} with "
+              f"recipe {args.recipe}: {spec.num_batches} batches x {cfg.total_iterations} iterations, "
+              f"{world} process(es) on {device}", flush=True)
+    run.run(progress=not args.quiet and rank == 0)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if rank == 0:
+        summary = run.merge()
+        verifier_text = (f", verifier agreement {summary['verifier_agreement']:.3f}"
+                         if summary["verifier_agreement"] is not None else "")
+        print(f"done: {summary['num_images']} images, {summary['num_targets']} targets "
+              f"({summary['fp_added']} from false-positive aggregation); teacher agreement (mAP@.5) "
+              f"{summary['teacher_agreement']:.3f}{verifier_text}; dataset in {args.out}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from diode.demo import run_demo
 
@@ -249,6 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--score-thresh", type=float, default=0.3)
     pr.add_argument("--device", default="auto")
     pr.set_defaults(func=cmd_predict)
+    syn = sub.add_parser("synthesize", help="invert a detector into a labelled synthetic dataset (DIODE)")
+    syn.add_argument("--teacher", required=True, help="checkpoint path or bundled name (e.g. shapes-teacher)")
+    syn.add_argument("--out", required=True, help="dataset folder (rerun the same command to resume)")
+    syn.add_argument("--num-images", type=int, required=True)
+    syn.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="default: the teacher's size")
+    syn.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    syn.add_argument("--iterations", type=int, help="total iterations per image (stages rescaled)")
+    syn.add_argument("--recipe", default="fast", help="bundled recipe name (paper, fast) or a YAML path")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--precision", choices=["fp32", "bf16"], help="override the recipe's precision")
+    syn.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPUs)")
+    syn.add_argument("--verifier", help="a second detector measuring transferable agreement")
+    syn.add_argument("--device", default="auto")
+    syn.add_argument("--quiet", action="store_true", help="no progress bar")
+    syn.set_defaults(func=cmd_synthesize)
+
     demo = sub.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
     demo.add_argument("--out", default="runs/demo", help="output folder")
     demo.add_argument("--quick", action="store_true", help="smaller run (about a minute)")

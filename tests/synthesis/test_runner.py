@@ -1,0 +1,152 @@
+"""The synthesis runner: dataset independent of work split and interruptions; CLI round trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from diode.cli import main
+from diode.config import SynthesisConfig
+from diode.detectors.checkpoint import save_checkpoint
+from diode.detectors.registry import build_detector
+from diode.errors import DiodeError
+from diode.synthesis.runner import RunSpec, SynthesisRun
+
+NAMES = ["a", "b", "c"]
+
+
+def _teacher():
+    torch.manual_seed(0)
+    return build_detector("yolo-lite-n", class_names=NAMES, image_size=(64, 64)).eval()
+
+
+def _config(**kw) -> SynthesisConfig:
+    return SynthesisConfig(batch_size=2, stages=[{"iterations": 3, "lr": 0.1}], log_every=1,
+                           fp={"enabled": True, "start": 1, "every": 1, "score_thresh": 0.0}, **kw)
+
+
+def _spec(num_images: int = 5) -> RunSpec:
+    return RunSpec(num_images, (64, 64), seed=7, teacher="tiny", config=_config())
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    files = sorted(p for p in (out / "images").glob("*.png"))
+    snap = {p.name: p.read_bytes() for p in files}
+    ann = json.loads((out / "annotations.json").read_text())
+    snap["annotations"] = json.dumps(ann["annotations"], sort_keys=True).encode()
+    return snap
+
+
+def _no_temp_files(out: Path) -> bool:
+    return not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref")
+    run = SynthesisRun(_teacher(), _spec(), out)
+    run.check_or_write_settings()
+    run.run(progress=False)
+    run.merge()
+    return out
+
+
+def test_layout_and_manifest(reference):
+    for name in ("annotations.json", "data.yaml", "manifest.jsonl", "summary.json", "config.yaml"):
+        assert (reference / name).exists(), name
+    assert len(list((reference / "images").glob("*.png"))) == 5
+    assert len(list((reference / "labels").glob("*.txt"))) == 5
+    lines = (reference / "manifest.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # ceil(5 / 2) batches
+    first = json.loads(lines[0])
+    assert set(first["losses"]) >= {"task", "bn", "bn_first", "tv_l1", "tv_l2", "total"}
+    assert "teacher_agreement" in first and len(first["files"]) == 2
+    assert (reference / "grids" / "000000_targets.png").exists()
+    assert (reference / "grids" / "000000_teacher.png").exists()
+    assert _no_temp_files(reference)
+
+
+def test_split_across_ranks_gives_same_dataset(reference, tmp_path):
+    spec = _spec()
+    for rank in (1, 0):  # order must not matter
+        SynthesisRun(_teacher(), spec, tmp_path, rank=rank, world_size=2).run(progress=False)
+    SynthesisRun(_teacher(), spec, tmp_path).merge()
+    assert _snapshot(tmp_path) == _snapshot(reference)
+
+
+def test_interrupted_run_resumes_to_same_dataset(reference, tmp_path, monkeypatch):
+    run = SynthesisRun(_teacher(), _spec(), tmp_path)
+    original = SynthesisRun.write_batch
+
+    def crash_on_second(self, b, result, seconds):
+        if b == 1:
+            # Crash mid-batch: some of its images are written, its record is not.
+            from diode.io import save_png
+
+            save_png(self.out_dir / "images" / "000001_000.png", result.images[0].cpu())
+            raise KeyboardInterrupt
+        return original(self, b, result, seconds)
+
+    monkeypatch.setattr(SynthesisRun, "write_batch", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run.run(progress=False)
+    monkeypatch.setattr(SynthesisRun, "write_batch", original)
+    with pytest.raises(DiodeError, match="missing"):
+        run.merge()
+    rerun = SynthesisRun(_teacher(), _spec(), tmp_path)
+    rerun.run(progress=False)
+    rerun.merge()
+    assert _snapshot(tmp_path) == _snapshot(reference)
+    assert _no_temp_files(tmp_path)
+
+
+def test_other_settings_refused(reference):
+    spec = _spec()
+    spec.seed = 8
+    with pytest.raises(DiodeError, match="different seed"):
+        SynthesisRun(_teacher(), spec, reference).check_or_write_settings()
+
+
+def test_cli_synthesize_then_train_and_evaluate(tmp_path, capsys):
+    teacher = _teacher()
+    save_checkpoint(tmp_path / "t.pt", teacher, command="test")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("batch_size: 2\nstages:\n  - {iterations: 2, lr: 0.1}\n")
+    out = tmp_path / "syn"
+    argv = ["synthesize", "--teacher", str(tmp_path / "t.pt"), "--out", str(out), "--num-images", "3",
+            "--recipe", str(recipe), "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
+    assert "teacher agreement" in capsys.readouterr().out
+    before = _snapshot(out)
+    assert main(argv) == 0  # rerun of a finished run: nothing changes
+    assert _snapshot(out) == before
+    assert main(["evaluate", "--model", str(tmp_path / "t.pt"), "--data", str(out)]) == 0
+    assert main(["train", "--data", str(out), "--val", str(out), "--arch", "yolo-lite-n", "--out",
+                 str(tmp_path / "run"), "--epochs", "1", "--batch-size", "2", "--image-size", "64", "64"]) == 0
+
+
+@pytest.mark.parametrize("argv_tail, needle", [
+    (["--recipe", "no-such-recipe"], "no-such-recipe"),
+    (["--num-images", "0"], "--num-images"),
+    (["--iterations", "0"], "--iterations"),
+    (["--image-size", "50", "64"], "multiples of 32"),
+])
+def test_cli_synthesize_bad_flags(tmp_path, capsys, argv_tail, needle):
+    save_checkpoint(tmp_path / "t.pt", _teacher(), command="test")
+    argv = ["synthesize", "--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "o"), "--num-images", "2",
+            "--device", "cpu", *argv_tail]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+def test_recipe_with_unknown_key_is_named(tmp_path, capsys):
+    save_checkpoint(tmp_path / "t.pt", _teacher(), command="test")
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("batch_size: 2\nstagez: []\n")
+    assert main(["synthesize", "--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "o"),
+                 "--num-images", "2", "--recipe", str(recipe)]) == 2
+    assert "stagez" in capsys.readouterr().err

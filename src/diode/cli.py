@@ -252,6 +252,66 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from diode.config import TrainConfig
+    from diode.data import open_dataset
+    from diode.detectors.checkpoint import load_detector
+    from diode.detectors.registry import build_detector, list_detectors
+    from diode.distill.losses import DistillConfig, DistillObjective, check_compatible, parse_methods
+    from diode.distill.sources import load_transfer_set
+    from diode.io import atomic_write_yaml
+    from diode.training.trainer import train_detector
+
+    out = Path(args.out)
+    if (out / "last.pt").exists() and not args.resume:
+        raise DiodeError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
+    try:
+        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
+                          eval_every=args.eval_every)
+        kd = DistillConfig(methods=parse_methods(args.method), pseudo_score_thresh=args.pseudo_score_thresh)
+    except ValueError as exc:
+        raise DiodeError(str(exc)) from None
+    device = _device(args.device)
+    teacher, _ = load_detector(args.teacher, device=device)
+    image_size = teacher.image_size
+    torch.manual_seed(cfg.seed)
+    if args.student in list_detectors():
+        student = build_detector(args.student, class_names=teacher.class_names, image_size=image_size).to(device)
+    else:
+        student = load_detector(args.student, device=device)[0]
+        if tuple(student.image_size) != tuple(image_size):
+            raise DiodeError(f"--student {args.student}: image size {student.image_size} differs from the "
+                             f"teacher's {image_size}")
+    check_compatible(teacher, student, kd, image_size)
+    val_images, val_targets = torch.empty((0, 3, *image_size), dtype=torch.uint8), []
+    if args.val:
+        val_set = open_dataset(args.val, split="val")
+        mapping = _labels_to_model(val_set, teacher.class_names)
+        val_images, val_targets = val_set.load_all(image_size, progress=True)
+        val_targets = _remap(val_targets, mapping)
+    images = load_transfer_set(args.data, image_size, num_images=args.num_images, seed=cfg.seed)
+    print(f"distilling {args.teacher} -> {args.student} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M "
+          f"parameters) on {len(images)} transfer images from {args.data}, method {args.method}, {device}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_yaml(out / "config.yaml", {"command": args.command, "teacher": str(args.teacher),
+                                            "student": str(args.student), "data": args.data,
+                                            "val": args.val, "image_size": list(image_size),
+                                            "distill": vars(kd), "train": cfg.to_dict()})
+
+    def report(epoch) -> None:
+        m = epoch.metrics
+        val = f"  val mAP {m['map']:.3f}  mAP@.5 {m['map_50']:.3f}" if m else ""
+        print(f"epoch {epoch.epoch:3d}/{cfg.epochs}  loss {sum(v for k, v in epoch.loss.items() if k in kd.methods):.4f}"
+              f"{val}", flush=True)
+
+    empty = [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}] * len(images)
+    result = train_detector(student, images, empty, val_images, val_targets, cfg, out, command=args.command,
+                            resume=args.resume, on_epoch=report, objective=DistillObjective(teacher, kd))
+    best = f"best val mAP {result.best_map:.3f}; " if args.val else ""
+    print(f"done: {best}checkpoints {out / 'best.pt'} and {out / 'last.pt'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from diode.demo import run_demo
 
@@ -331,6 +391,26 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--device", default="auto")
     syn.add_argument("--quiet", action="store_true", help="no progress bar")
     syn.set_defaults(func=cmd_synthesize)
+
+    kd = sub.add_parser("distill", help="train a student from a teacher on a transfer set (no labels)")
+    kd.add_argument("--teacher", required=True, help="checkpoint path or bundled name")
+    kd.add_argument("--student", required=True, help="architecture name (from scratch) or checkpoint path")
+    kd.add_argument("--data", required=True,
+                    help="transfer set: synthesised or any dataset (labels ignored), image folder, noise:gaussian, noise:uniform")
+    kd.add_argument("--out", required=True, help="run folder")
+    kd.add_argument("--val", help="real labelled validation set for per-epoch mAP")
+    kd.add_argument("--epochs", type=int, default=30)
+    kd.add_argument("--method", default="pseudo-label",
+                    help="output, output-weighted, pseudo-label, or weighted combinations like 'pseudo-label=1,output-weighted=0.5'")
+    kd.add_argument("--pseudo-score-thresh", type=float, default=0.3, help="teacher score for pseudo-labels")
+    kd.add_argument("--num-images", type=int, help="use at most this many transfer images (noise: draw this many)")
+    kd.add_argument("--batch-size", type=int, default=32)
+    kd.add_argument("--lr", type=float, default=2e-3)
+    kd.add_argument("--eval-every", type=int, default=1)
+    kd.add_argument("--seed", type=int, default=0)
+    kd.add_argument("--resume", action="store_true")
+    kd.add_argument("--device", default="auto")
+    kd.set_defaults(func=cmd_distill)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
     demo.add_argument("--out", default="runs/demo", help="output folder")

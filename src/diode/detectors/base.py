@@ -44,6 +44,14 @@ class Detector(nn.Module):
                 iou_thresh: float | None = None) -> list[Prediction]:
         raise NotImplementedError
 
+    def raw_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Raw head outputs before decoding/NMS (for output-matching distillation)."""
+        raise NotImplementedError(f"{type(self).__name__} exposes no raw head outputs")
+
+    def objectness(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-location object probability for each raw output level (same leading shape, no channel)."""
+        raise NotImplementedError(f"{type(self).__name__} exposes no objectness")
+
     def weighted_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         """The detector's own training objective: its loss terms weighted by ``loss_weights``."""
         return sum(self.loss_weights.get(k, 1.0) * v for k, v in terms.items())

@@ -131,6 +131,12 @@ class YoloLite(Detector):
         b5 = self.bottom_up5(torch.cat([self.down4(b4), p5], 1))
         return [head(f).permute(0, 2, 3, 1) for head, f in zip(self.heads, (t3, b4, b5))]
 
+    def raw_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self(images)
+
+    def objectness(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [o[..., 4].float().sigmoid() for o in outputs]
+
     def _decode_boxes(self, raw: torch.Tensor, level: int, gx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
         """raw [..., >=4] at cells (gx, gy) of `level` -> boxes [..., 4] xyxy pixels."""
         stride, anchor = STRIDES[level], self.anchors[level]

@@ -58,13 +58,25 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+Objective = Callable[[Detector, torch.Tensor, list[Target]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def supervised_objective(model: Detector, images: torch.Tensor, targets: list[Target]):
+    """The detector's own loss on labelled images: (weighted total, named terms)."""
+    terms = model.loss(images, targets)
+    return model.weighted_loss(terms), terms
+
+
 def train_detector(model: Detector, train_images: torch.Tensor, train_targets: list[Target],
                    val_images: torch.Tensor, val_targets: list[Target], cfg: TrainConfig,
                    out_dir: Path, *, command: str = "", resume: bool = False, progress: bool = True,
-                   on_epoch: Callable[[EpochResult], None] | None = None) -> TrainResult:
+                   on_epoch: Callable[[EpochResult], None] | None = None,
+                   objective: Objective = supervised_objective) -> TrainResult:
     """Train `model` in place; write `out_dir/{last,best}.pt` and `history.json`.
 
-    train_images: uint8 [N, 3, H, W] at the model's image size; targets in that pixel frame.
+    train_images: uint8 [N, 3, H, W] at the model's image size; targets in that pixel frame (empty
+    for knowledge distillation, whose `objective` gets its supervision from a teacher).
+    val_images may be empty: then nothing is evaluated and `best.pt` follows `last.pt`.
     """
     device = next(model.parameters()).device
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -107,8 +119,7 @@ def train_detector(model: Detector, train_images: torch.Tensor, train_targets: l
             idx = order[step_in_epoch * cfg.batch_size:(step_in_epoch + 1) * cfg.batch_size]
             images = train_images[idx].to(device).float() / 255
             images, targets = augment_batch(images, [train_targets[i] for i in idx.tolist()], cfg.augment, gen)
-            terms = model.loss(images, targets)
-            total = model.weighted_loss(terms)
+            total, terms = objective(model, images, targets)
             if not torch.isfinite(total):
                 raise DiodeError(f"training diverged at epoch {epoch + 1} step {step_in_epoch}: "
                                  f"loss is {total.item()} ({ {k: v.item() for k, v in terms.items()} })")
@@ -123,15 +134,15 @@ def train_detector(model: Detector, train_images: torch.Tensor, train_targets: l
         bar.close()
 
         metrics: dict = {}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        if len(val_images) and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             metrics = evaluate_detector(ema.model, val_images, val_targets, model.class_names,
                                         batch_size=64, progress=False)
         epoch_result = EpochResult(epoch + 1, {k: v / steps_per_epoch for k, v in sums.items()},
                                    metrics, optimizer.param_groups[0]["lr"])
         result.history.append(epoch_result)
         ema_state = ema.model.state_dict()
-        if metrics and metrics["map"] > result.best_map:
-            result.best_map = metrics["map"]
+        if (metrics and metrics["map"] > result.best_map) or not len(val_images):
+            result.best_map = metrics["map"] if metrics else result.best_map
             save_checkpoint(best_path, model, command=command, metrics=metrics, state_dict=ema_state)
         train_state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
                        "epoch": epoch + 1, "best_map": result.best_map,

@@ -1,0 +1,194 @@
+"""BN statistics recorder: per-channel mean and biased variance of each selected BN layer's input.
+
+Parity with the formula written out here (mu_c = mean over (B, H, W) of x[:, c],
+var_c = mean over (B, H, W) of (x[:, c] - mu_c)^2), layer selection by count and glob pattern,
+frozen BN found by its buffers, recording only inside `recording()`, hook removal, gradients.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from diode.detectors.base import Detector
+from diode.detectors.registry import build_detector
+from diode.errors import DiodeError
+from diode.synthesis.bn_stats import BNStatsRecorder, select_bn_layers
+
+
+class TinyNet(Detector):
+    """Conv -> BN -> ReLU -> Conv -> BN, split in two named stages so globs can tell them apart."""
+
+    def __init__(self, frozen: bool = False) -> None:
+        super().__init__(["a"], (8, 8))
+        bn = FrozenBatchNorm2d if frozen else nn.BatchNorm2d
+        self.stage1 = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), bn(4))
+        self.stage2 = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), bn(5))
+        with torch.no_grad():  # non-trivial running statistics, so input != output statistics
+            for m in (self.stage1[1], self.stage2[2]):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage2(self.stage1(x))
+
+
+def manual_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mu_c = sum_{b,h,w} x / (B H W); var_c = sum_{b,h,w} (x - mu_c)^2 / (B H W) (biased)."""
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mu = x.sum(dim=(0, 2, 3)) / n
+    var = ((x - mu[None, :, None, None]) ** 2).sum(dim=(0, 2, 3)) / n
+    return mu, var
+
+
+def capture_inputs(modules: list[nn.Module]) -> tuple[list[torch.Tensor], list]:
+    """Independent forward pre-hooks storing each module's input."""
+    seen: list[torch.Tensor] = [None] * len(modules)  # type: ignore[list-item]
+
+    def make(i: int):
+        def hook(module, inputs):
+            seen[i] = inputs[0].detach().clone()
+        return hook
+    handles = [m.register_forward_pre_hook(make(i)) for i, m in enumerate(modules)]
+    return seen, handles
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_records_input_mean_and_biased_var(frozen: bool) -> None:
+    torch.manual_seed(0)
+    net = TinyNet(frozen).eval()
+    layers = net.bn_layers()
+    assert [n for n, _ in layers] == ["stage1.1", "stage2.2"]
+    recorder = BNStatsRecorder(layers)
+    seen, handles = capture_inputs([m for _, m in layers])
+    x = torch.randn(3, 3, 6, 7)
+    with recorder.recording():
+        net(x)
+    for h in handles:
+        h.remove()
+    for (mean, var), inp in zip(recorder.recorded(), seen):
+        mu, v = manual_stats(inp)
+        assert torch.allclose(mean, mu, atol=1e-6)
+        assert torch.allclose(var, v, atol=1e-6)
+    # The first BN's input is the first conv's output, not the BN output.
+    conv_out = net.stage1[0](x)
+    mu, v = manual_stats(conv_out)
+    assert torch.allclose(recorder.recorded()[0][0], mu, atol=1e-6)
+    bn_out_mu, _ = manual_stats(net.stage1(x))
+    assert not torch.allclose(recorder.recorded()[0][0], bn_out_mu, atol=1e-3)
+    recorder.remove()
+
+
+def test_running_returns_buffers() -> None:
+    net = TinyNet()
+    recorder = BNStatsRecorder(net.bn_layers())
+    for (rm, rv), (_, m) in zip(recorder.running(), net.bn_layers()):
+        assert torch.equal(rm, m.running_mean) and torch.equal(rv, m.running_var)
+    recorder.remove()
+
+
+def test_nothing_recorded_outside_recording() -> None:
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    recorder = BNStatsRecorder(net.bn_layers())
+    net(torch.randn(2, 3, 5, 5))
+    assert recorder.stats == [None, None]
+    with pytest.raises(RuntimeError, match="not reached"):
+        recorder.recorded()
+    x = torch.randn(2, 3, 5, 5)
+    with recorder.recording():
+        net(x)
+    kept = [(m.clone(), v.clone()) for m, v in recorder.recorded()]
+    net(torch.randn(2, 3, 5, 5) * 10 + 3)  # outside again: must not overwrite
+    for (m0, v0), (m1, v1) in zip(kept, recorder.recorded()):
+        assert torch.equal(m0, m1) and torch.equal(v0, v1)
+    recorder.remove()
+
+
+def test_recorded_raises_for_layer_not_reached() -> None:
+    net = TinyNet().eval()
+    recorder = BNStatsRecorder(net.bn_layers())
+    with recorder.recording():
+        net.stage1(torch.randn(2, 3, 5, 5))  # stage2's BN never runs
+    with pytest.raises(RuntimeError, match="stage2.2"):
+        recorder.recorded()
+    recorder.remove()
+
+
+def test_remove_detaches_hooks() -> None:
+    net = TinyNet().eval()
+    modules = [m for _, m in net.bn_layers()]
+    before = [len(m._forward_pre_hooks) for m in modules]
+    recorder = BNStatsRecorder(net.bn_layers())
+    assert [len(m._forward_pre_hooks) for m in modules] == [b + 1 for b in before]
+    recorder.remove()
+    assert [len(m._forward_pre_hooks) for m in modules] == before
+    with recorder.recording():
+        net(torch.randn(2, 3, 5, 5))
+    assert recorder.stats == [None, None]
+
+
+def test_gradients_flow_from_stats_to_input() -> None:
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    recorder = BNStatsRecorder(net.bn_layers())
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    with recorder.recording():
+        net(x)
+    loss = sum(m.square().sum() + v.sum() for m, v in recorder.recorded())
+    (grad,) = torch.autograd.grad(loss, x)
+    # Same loss through the written-out formula on a fresh forward.
+    x2 = x.detach().clone().requires_grad_(True)
+    h1 = net.stage1[0](x2)
+    h2 = net.stage2[1](net.stage2[0](net.stage1[1](h1)))
+    expected_loss = sum(manual_stats(h)[0].square().sum() + manual_stats(h)[1].sum() for h in (h1, h2))
+    (expected,) = torch.autograd.grad(expected_loss, x2)
+    assert grad.abs().sum() > 0
+    assert torch.allclose(grad, expected, atol=1e-5)
+    recorder.remove()
+
+
+def test_select_all_count_and_patterns() -> None:
+    layers = TinyNet().bn_layers()
+    names = lambda chosen: [n for n, _ in chosen]  # noqa: E731
+    assert names(select_bn_layers(layers, None)) == ["stage1.1", "stage2.2"]
+    assert names(select_bn_layers(layers, "all")) == ["stage1.1", "stage2.2"]
+    assert names(select_bn_layers(layers, 1)) == ["stage1.1"]
+    assert names(select_bn_layers(layers, 5)) == ["stage1.1", "stage2.2"]  # more than there are: all
+    assert names(select_bn_layers(layers, "stage2*")) == ["stage2.2"]
+    assert names(select_bn_layers(layers, "stage2*, stage1.1")) == ["stage1.1", "stage2.2"]  # layer order kept
+    assert names(select_bn_layers(layers, "*.1")) == ["stage1.1"]
+
+
+@pytest.mark.parametrize("selection", ["nothing*", "Stage2*", 0, -1, ","])
+def test_select_nothing_raises(selection) -> None:
+    with pytest.raises(DiodeError):
+        select_bn_layers(TinyNet().bn_layers(), selection)
+
+
+def test_frozen_bn_found_by_buffers() -> None:
+    net = TinyNet(frozen=True)
+    layers = net.bn_layers()
+    assert [type(m) for _, m in layers] == [FrozenBatchNorm2d, FrozenBatchNorm2d]
+
+
+def test_yolo_lite_every_bn_found_and_glob() -> None:
+    teacher = build_detector("yolo-lite-n", class_names=["a", "b"], image_size=(64, 64)).eval()
+    layers = teacher.bn_layers()
+    assert len(layers) == sum(isinstance(m, nn.BatchNorm2d) for m in teacher.modules())
+    stage2 = select_bn_layers(layers, "stage2*")
+    assert stage2 and all(n.startswith("stage2") for n, _ in stage2)
+    assert len(stage2) == sum(isinstance(m, nn.BatchNorm2d) for m in teacher.stage2.modules())
+    recorder = BNStatsRecorder(layers)
+    x = torch.rand(2, 3, 64, 64)
+    with recorder.recording():
+        teacher(x)
+    stats = recorder.recorded()
+    assert len(stats) == len(layers)
+    assert all(m.shape == (layer.num_features,) and v.shape == m.shape and (v >= 0).all()
+               for (m, v), (_, layer) in zip(stats, layers))
+    mu, var = manual_stats(teacher.stem[0](x))  # the first BN's input is the stem conv output
+    assert torch.allclose(stats[0][0], mu, atol=1e-5) and torch.allclose(stats[0][1], var, atol=1e-5)
+    recorder.remove()

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.diode-installed
 
-.PHONY: demo test setup clean-venv
+.PHONY: demo test setup browser clean-venv
 
 setup: $(STAMP)
 
@@ -19,7 +19,12 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/diode demo
 
-test: $(STAMP)
+# The report test renders HTML in headless Chromium (Debian package `chromium`).
+browser:
+	@command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null \
+		|| (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 clean-venv:

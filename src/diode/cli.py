@@ -245,6 +245,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         print(f"done: {summary['num_images']} images, {summary['num_targets']} targets "
               f"({summary['fp_added']} from false-positive aggregation); teacher agreement (mAP@.5) "
               f"{summary['teacher_agreement']:.3f}{verifier_text}; dataset in {args.out}")
+        _auto_report(Path(args.out))
     if world > 1:
         import torch.distributed as dist
 
@@ -309,7 +310,21 @@ def cmd_distill(args: argparse.Namespace) -> int:
                             resume=args.resume, on_epoch=report, objective=DistillObjective(teacher, kd))
     best = f"best val mAP {result.best_map:.3f}; " if args.val else ""
     print(f"done: {best}checkpoints {out / 'best.pt'} and {out / 'last.pt'}")
+    _auto_report(out)
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from diode.report.html import write_report
+
+    print(f"report: {write_report(args.run_dir)}")
+    return 0
+
+
+def _auto_report(run_dir: Path) -> None:
+    from diode.report.html import write_report
+
+    print(f"report: {write_report(run_dir)}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -411,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     kd.add_argument("--resume", action="store_true")
     kd.add_argument("--device", default="auto")
     kd.set_defaults(func=cmd_distill)
+
+    rep = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) for a run folder")
+    rep.add_argument("run_dir", help="a synthesis, training, distillation, demo or experiment folder")
+    rep.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
     demo.add_argument("--out", default="runs/demo", help="output folder")

@@ -1,0 +1,102 @@
+"""Image priors and the BN feature-distribution loss against formulas written out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diode.synthesis.priors import bn_loss, image_l2, total_variation
+
+
+def random_stats(channels: list[int], seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.1) for c in channels]
+
+
+def norm(v: torch.Tensor, p: float) -> float:
+    """||v||_p = (sum |v_i|^p)^(1/p), not raised to p."""
+    return sum(abs(float(x)) ** p for x in v) ** (1.0 / p)
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0])
+def test_bn_loss_formula(p: float) -> None:
+    channels = [3, 5, 2]
+    recorded, running = random_stats(channels, 0), random_stats(channels, 1)
+    layer_weights, mw, vw = [0.5, 2.0, 1.5], 0.7, 1.3
+    # sum_l w_l * (mw * ||mu_l - rm_l||_p + vw * ||var_l - rv_l||_p)
+    expected = sum(w * (mw * norm(mu - rm, p) + vw * norm(var - rv, p))
+                   for w, (mu, var), (rm, rv) in zip(layer_weights, recorded, running))
+    got = bn_loss(recorded, running, p=p, mean_weight=mw, var_weight=vw, layer_weights=layer_weights)
+    assert got.shape == ()
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    # Default weights are all 1.
+    expected_plain = sum(norm(mu - rm, p) + norm(var - rv, p) for (mu, var), (rm, rv) in zip(recorded, running))
+    assert float(bn_loss(recorded, running, p=p)) == pytest.approx(expected_plain, rel=1e-5)
+
+
+def test_bn_loss_hand_values() -> None:
+    # One layer: mu - rm = (3, 4) -> L2 5, L1 7; var - rv = (0, -2) -> L2 2, L1 2.
+    recorded = [(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 1.0]))]
+    running = [(torch.tensor([0.0, 0.0]), torch.tensor([1.0, 3.0]))]
+    assert float(bn_loss(recorded, running, p=2)) == pytest.approx(5 + 2)
+    assert float(bn_loss(recorded, running, p=1)) == pytest.approx(7 + 2)
+    assert float(bn_loss(recorded, running, p=2, mean_weight=0.0)) == pytest.approx(2)
+    assert float(bn_loss(recorded, running, p=2, var_weight=0.0, layer_weights=[3.0])) == pytest.approx(15)
+
+
+def test_bn_loss_zero_when_stats_match_and_differentiable() -> None:
+    running = random_stats([4, 6], 2)
+    recorded = [(m.clone(), v.clone()) for m, v in running]
+    assert float(bn_loss(recorded, running)) == 0.0
+    mu = torch.tensor([1.0, 2.0], requires_grad=True)
+    loss = bn_loss([(mu, torch.ones(2))], [(torch.zeros(2), torch.ones(2))])
+    loss.backward()
+    assert torch.allclose(mu.grad, mu.detach() / mu.detach().norm())  # d||mu||_2 / d mu = mu / ||mu||
+
+
+def test_total_variation_constant_image_is_zero() -> None:
+    tv_l1, tv_l2 = total_variation(torch.full((2, 3, 5, 7), 0.37))
+    assert float(tv_l1) == 0.0 and float(tv_l2) == 0.0
+
+
+def test_total_variation_hand_made_2x2() -> None:
+    # image [[a, b], [c, d]] = [[1, 2], [4, 8]]; the 4 neighbour directions:
+    #   horizontal a-b = -1, c-d = -4   -> mean |.| = 2.5, L2 = sqrt(1 + 16) = sqrt(17)
+    #   vertical   a-c = -3, b-d = -6   -> mean |.| = 4.5, L2 = sqrt(9 + 36) = sqrt(45)
+    #   anti-diag  c-b = 2              -> mean |.| = 2,   L2 = 2
+    #   diagonal   a-d = -7             -> mean |.| = 7,   L2 = 7
+    # tv_l1 = 2.5 + 4.5 + 2 + 7 = 16; tv_l2 = sqrt(17) + sqrt(45) + 2 + 7.
+    image = torch.tensor([[[[1.0, 2.0], [4.0, 8.0]]]])
+    tv_l1, tv_l2 = total_variation(image)
+    assert float(tv_l1) == pytest.approx(16.0)
+    assert float(tv_l2) == pytest.approx(math.sqrt(17) + math.sqrt(45) + 9)
+    # Batch of [image, 2 * image]: tv_l1 is a mean over the batch (1.5x), tv_l2 the mean of
+    # per-image norms (1.5x as well).
+    batch = torch.cat([image, 2 * image])
+    tv_l1, tv_l2 = total_variation(batch)
+    assert float(tv_l1) == pytest.approx(1.5 * 16.0)
+    assert float(tv_l2) == pytest.approx(1.5 * (math.sqrt(17) + math.sqrt(45) + 9))
+    # Two identical channels: the L1 mean is unchanged, each per-image L2 norm grows by sqrt(2).
+    two = image.expand(1, 2, 2, 2)
+    tv_l1, tv_l2 = total_variation(two)
+    assert float(tv_l1) == pytest.approx(16.0)
+    assert float(tv_l2) == pytest.approx(math.sqrt(2) * (math.sqrt(17) + math.sqrt(45)) + math.sqrt(2) * 9)
+
+
+def test_total_variation_single_step_edge() -> None:
+    # 3 x 3 image, left column 0, others 1: differences only cross the column-0/1 border.
+    # horizontal: 3 of 6 pairs differ by 1 -> 0.5; vertical: 0; each diagonal: 2 of 4 pairs -> 0.5.
+    image = torch.ones(1, 1, 3, 3)
+    image[..., 0] = 0
+    tv_l1, tv_l2 = total_variation(image)
+    assert float(tv_l1) == pytest.approx(0.5 + 0 + 0.5 + 0.5)
+    assert float(tv_l2) == pytest.approx(math.sqrt(3) + 0 + math.sqrt(2) + math.sqrt(2))
+
+
+def test_image_l2() -> None:
+    # Mean over the batch of each image's L2 norm: ones [3, 2, 2] has norm sqrt(12).
+    images = torch.ones(2, 3, 2, 2) * torch.tensor([1.0, 2.0])[:, None, None, None]
+    assert float(image_l2(images)) == pytest.approx(1.5 * math.sqrt(12))
+    assert float(image_l2(torch.zeros(2, 3, 4, 4))) == 0.0

@@ -1,8 +1,9 @@
 """The main job on the embedded default: what `make demo` runs.
 
-Today the pipeline is: render a fresh validation split of the embedded shapes dataset, evaluate
-the bundled teacher on it, and draw its predictions. Synthesis, distillation and the HTML report
-join this flow as they land (DIODE sections 1-3).
+bundled teacher -> DIODE synthesis (the `fast` recipe) -> pseudo-label distillation of a small
+student from scratch on the synthetic images only -> COCO mAP of teacher and student on freshly
+rendered real validation images -> HTML report. Sized to finish in minutes on a 2-core CPU;
+`quick` is a smoke-sized run of the same pipeline.
 """
 
 from __future__ import annotations
@@ -13,37 +14,96 @@ from pathlib import Path
 
 import torch
 
+from diode.config import TrainConfig
 from diode.data import open_dataset
 from diode.data.shapes import generate_shapes
 from diode.detectors.checkpoint import load_detector
-from diode.evaluation import evaluate_detector, format_table
+from diode.detectors.registry import build_detector
+from diode.distill.losses import DistillConfig, DistillObjective
+from diode.distill.sources import load_transfer_set
+from diode.evaluation import evaluate_detector
 from diode.io import atomic_write_json
 from diode.report.grids import save_grid
+from diode.report.html import write_report
+from diode.synthesis.recipes import build_config, load_recipe
+from diode.synthesis.runner import RunSpec, SynthesisRun
+from diode.training.trainer import train_detector
+
+
+@dataclass
+class DemoSize:
+    synth_images: int  # synthetic transfer images
+    iterations: int  # synthesis iterations per image
+    epochs: int  # distillation epochs
+    val_images: int  # real validation images
+
+
+FULL = DemoSize(synth_images=192, iterations=300, epochs=40, val_images=300)
+QUICK = DemoSize(synth_images=32, iterations=60, epochs=6, val_images=100)
 
 
 @dataclass
 class DemoResult:
     teacher_map_50: float
-    teacher_map: float
-    out_dir: Path
+    student_map_50: float
+    teacher_agreement: float
+    report: Path
     seconds: float
 
 
-def run_demo(out_dir: Path, *, quick: bool = False, teacher: str = "shapes-teacher", seed: int = 1234,
-             device: torch.device | str = "cpu", progress: bool = True) -> DemoResult:
-    """Generate real val data, evaluate `teacher` on it, draw predictions; write into `out_dir`."""
+def run_demo(out_dir: Path, *, quick: bool = False, teacher_name: str = "shapes-teacher",
+             student_arch: str = "yolo-lite-n", seed: int = 1234, device: torch.device | str = "cpu",
+             progress: bool = True, log=print) -> DemoResult:
+    """Run the whole pipeline into `out_dir` (resumable: finished synthesis batches are kept)."""
+    size = QUICK if quick else FULL
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, _ = load_detector(teacher, device=device)
-    data_dir = generate_shapes(out_dir / "data", train=0, val=100 if quick else 500,
-                               image_size=model.image_size, seed=seed, progress=progress)
+    teacher, _ = load_detector(teacher_name, device=device)
+
+    log(f"[1/4] rendering {size.val_images} real validation images (never used for training)")
+    data_dir = generate_shapes(out_dir / "real", train=0, val=size.val_images, image_size=teacher.image_size,
+                               seed=seed, progress=progress)
     val = open_dataset(data_dir / "val")
-    images, targets = val.load_all(model.image_size, progress=progress)
-    metrics = evaluate_detector(model, images, targets, model.class_names, progress=progress)
-    print(format_table(metrics))
-    atomic_write_json(out_dir / "teacher_metrics.json", metrics)
+    val_images, val_targets = val.load_all(teacher.image_size)
+
+    log(f"[2/4] synthesizing {size.synth_images} images from {teacher_name} ({size.iterations} iterations each)")
+    cfg = build_config(load_recipe("fast"), iterations=size.iterations, source="recipe fast")
+    run = SynthesisRun(teacher, RunSpec(size.synth_images, teacher.image_size, seed, teacher_name, cfg),
+                       out_dir / "synthetic", command=f"diode demo{' --quick' if quick else ''}")
+    run.check_or_write_settings()
+    run.run(progress=progress)
+    synth_summary = run.merge()
+
+    log(f"[3/4] distilling a {student_arch} student from scratch on the synthetic images (pseudo-labels)")
+    torch.manual_seed(seed)
+    student = build_detector(student_arch, class_names=teacher.class_names, image_size=teacher.image_size).to(device)
+    images = load_transfer_set(str(out_dir / "synthetic"), teacher.image_size, num_images=None, seed=seed,
+                               progress=False)
+    train_cfg = TrainConfig(epochs=size.epochs, batch_size=16, seed=seed, eval_every=max(1, size.epochs // 4))
+    empty = [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}] * len(images)
+    student_dir = out_dir / "student"
+    train_detector(student, images, empty, val_images, val_targets, train_cfg, student_dir,
+                   command="diode demo", resume=True, progress=progress,
+                   objective=DistillObjective(teacher, DistillConfig()))
+    student, _ = load_detector(student_dir / "best.pt", device=device)
+
+    log("[4/4] evaluating teacher and student on the real validation images")
+    teacher_metrics = evaluate_detector(teacher, val_images, val_targets, teacher.class_names)
+    student_metrics = evaluate_detector(student, val_images, val_targets, teacher.class_names)
     with torch.inference_mode():
-        predictions = model.predict(images[:16].to(device).float() / 255, score_thresh=0.3)
-    save_grid(out_dir / "teacher_predictions.png", images[:16], predictions, model.class_names)
-    save_grid(out_dir / "ground_truth.png", images[:16], targets[:16], model.class_names)
-    return DemoResult(metrics["map_50"], metrics["map"], out_dir, time.time() - start)
+        shown = student.predict(val_images[:16].to(device).float() / 255, score_thresh=0.3)
+    save_grid(out_dir / "student_predictions.png", val_images[:16], shown, teacher.class_names)
+    summary = {
+        "teacher": teacher_name, "student": student_arch, "quick": quick,
+        "teacher_map_50": teacher_metrics["map_50"], "teacher_map": teacher_metrics["map"],
+        "student_map_50": student_metrics["map_50"], "student_map": student_metrics["map"],
+        "student_fraction_of_teacher_map_50": (student_metrics["map_50"] / teacher_metrics["map_50"]
+                                               if teacher_metrics["map_50"] > 0 else None),
+        "synthetic_images": synth_summary["num_images"], "synthesis_iterations": size.iterations,
+        "teacher_agreement": synth_summary["teacher_agreement"], "distill_epochs": size.epochs,
+        "real_val_images": size.val_images, "seconds": round(time.time() - start, 1),
+    }
+    atomic_write_json(out_dir / "summary.json", summary)
+    report = write_report(out_dir)
+    return DemoResult(teacher_metrics["map_50"], student_metrics["map_50"], synth_summary["teacher_agreement"],
+                      report, time.time() - start)

@@ -100,8 +100,10 @@ def test_boxes_rolled_outside_are_dropped() -> None:
     h, w = 64, 64
     b = 32
     x = images(b, h, w)
-    # A thin box at the right edge and a large central one: big jitter pushes the thin one out.
-    targets = [target([[60.0, 20.0, 64.0, 40.0], [20.0, 20.0, 44.0, 44.0]], [3, 4]) for _ in range(b)]
+    # A 3.5 x 1 px box at the right edge (clamped areas in (0, 1) happen: dx = 3 leaves 0.5 px^2)
+    # and a large central one; a big jitter pushes the thin one out of the frame.
+    thin, big = [60.5, 20.0, 64.0, 21.0], [20.0, 20.0, 44.0, 44.0]
+    targets = [target([thin, big], [3, 4]) for _ in range(b)]
     out, new = augment_synthesis(x, targets, cfg(), jitter=30, gen=gen(1))
     dropped = 0
     for i, t in enumerate(new):
@@ -113,12 +115,18 @@ def test_boxes_rolled_outside_are_dropped() -> None:
         assert (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
         assert 4 in t["labels"].tolist()  # the central box survives any shift of at most 30 px
         dx, dy = find_shift(out[i], x[i], 30)
-        # The edge box keeps area >= 1 exactly when its clamped width (64 - (60 + dx), at most 4)
-        # and height stay positive enough: width * 20 >= 1 whenever dx <= 3.
+        x1, y1, x2, y2 = clamp_box([thin[0] + dx, thin[1] + dy, thin[2] + dx, thin[3] + dy], h, w)
         thin_kept = 3 in t["labels"].tolist()
-        assert thin_kept == (dx <= 3)
+        assert thin_kept == ((x2 - x1) * (y2 - y1) >= 1), (dx, dy)
         dropped += not thin_kept
     assert 0 < dropped < b
+
+
+def test_sub_pixel_boxes_dropped_even_without_motion() -> None:
+    # Areas 0.5, 1.0 (kept: the threshold is area >= 1 px^2) and 0 (a line).
+    t = target([[10, 10, 10.5, 11], [10, 10, 11, 11], [5, 5, 5, 30]], [0, 1, 2])
+    _, new = augment_synthesis(images(1, 32, 32), [t], cfg(), jitter=0, gen=gen())
+    assert new[0]["boxes"].tolist() == [[10.0, 10.0, 11.0, 11.0]] and new[0]["labels"].tolist() == [1]
 
 
 def test_erase_zeroes_one_rectangle_of_the_requested_area() -> None:
@@ -215,13 +223,15 @@ def test_gradient_flows_to_input() -> None:
     assert x2.grad is not None and x2.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+# "meta" runs the device code path without a GPU: the images move, the targets must not.
+@pytest.mark.parametrize("device", ["cpu", "meta", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_targets_stay_on_cpu(device: str) -> None:
     x = images(2, 64, 96).to(device)
     targets = [target([[10, 10, 50, 40]], [1]), target([], [])]
     out, new = augment_synthesis(x, targets, SynthAugmentConfig(), jitter=8, gen=gen())
     assert out.device.type == device and out.shape == x.shape
+    assert targets[0]["boxes"].device.type == "cpu"
     for t in new:
         assert t["boxes"].device.type == "cpu" and t["labels"].device.type == "cpu"
         assert t["boxes"].dtype == torch.float32 and t["labels"].dtype == torch.int64

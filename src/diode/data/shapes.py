@@ -2,7 +2,7 @@
 
 Nothing can be downloaded, so the project owns its ground truth. Classes are defined by shape,
 never by colour (colours and fills are random), so a detector has to learn geometry. Each image
-holds 1-8 objects whose largest side spans about 6 % to 70 % of the image side, with random aspect
+holds 1-8 objects whose largest side spans 6 % to 70 % of the image side (uniformly), with random aspect
 and rotation, on a background that mixes crops of the photographs shipped inside scikit-image with
 procedural textures and unlabelled clutter (lines, dots, arcs). Objects may occlude each other, at
 most `MAX_HIDDEN` of an object's pixels; boxes are the exact extent of each object's visible
@@ -168,7 +168,7 @@ def _object_mask(rng: np.random.Generator, cls: str, size: ImageSize) -> np.ndar
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     polys = [(p * [math.sqrt(aspect), 1 / math.sqrt(aspect)]) @ rot.T for p in polys]
     extent = polys[0].max(0) - polys[0].min(0)
-    side = math.exp(rng.uniform(math.log(MIN_SIZE), math.log(MAX_SIZE))) * min(h, w)
+    side = rng.uniform(MIN_SIZE, MAX_SIZE) * min(h, w)
     polys = [p * side / extent.max() for p in polys]
     lo, hi = polys[0].min(0), polys[0].max(0)
     if hi[0] - lo[0] >= w - 1 or hi[1] - lo[1] >= h - 1:

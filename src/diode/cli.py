@@ -327,6 +327,18 @@ def _auto_report(run_dir: Path) -> None:
     print(f"report: {write_report(run_dir)}")
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from diode.experiment import Experiment
+
+    out = Path(args.out or f"runs/experiment-{args.profile}")
+    experiment = Experiment(out, args.profile, teacher_name=args.teacher, student_arch=args.student,
+                            device=_device(args.device))
+    experiment.run()
+    print((out / "table.md").read_text())
+    _auto_report(out)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from diode.demo import run_demo
 
@@ -432,6 +444,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) for a run folder")
     rep.add_argument("run_dir", help="a synthesis, training, distillation, demo or experiment folder")
     rep.set_defaults(func=cmd_report)
+
+    exp = sub.add_parser("experiment", help="the paper's transfer-set comparison on the embedded domain")
+    exp.add_argument("--profile", choices=["quick", "full"], default="quick")
+    exp.add_argument("--out", help="output folder (default runs/experiment-PROFILE); reruns continue")
+    exp.add_argument("--teacher", default="shapes-teacher")
+    exp.add_argument("--student", default="yolo-lite-n", help="student architecture")
+    exp.add_argument("--device", default="auto")
+    exp.set_defaults(func=cmd_experiment)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
     demo.add_argument("--out", help="output folder (default runs/demo, or runs/demo-quick)")

@@ -204,6 +204,10 @@ class SynthesisConfig:
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        tiles = self.tiling.grid[0] * self.tiling.grid[1]
+        if self.tiling.enabled and self.batch_size % tiles:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of the tiling grid "
+                             f"{self.tiling.grid[0]}x{self.tiling.grid[1]} ({tiles} images per tiled image)")
 
     @property
     def total_iterations(self) -> int:

@@ -18,16 +18,13 @@ from diode.config import TrainConfig
 from diode.data import open_dataset
 from diode.data.shapes import generate_shapes
 from diode.detectors.checkpoint import load_detector
-from diode.detectors.registry import build_detector
-from diode.distill.losses import DistillConfig, DistillObjective
 from diode.distill.sources import load_transfer_set
 from diode.evaluation import evaluate_detector
 from diode.io import atomic_write_json
+from diode.pipeline import synthesize_dataset, train_student
 from diode.report.grids import save_grid
 from diode.report.html import write_report
 from diode.synthesis.recipes import build_config, load_recipe
-from diode.synthesis.runner import RunSpec, SynthesisRun
-from diode.training.trainer import train_detector
 
 
 @dataclass
@@ -66,30 +63,22 @@ def run_demo(out_dir: Path, *, quick: bool = False, teacher_name: str = "shapes-
     val = open_dataset(data_dir / "val")
     val_images, val_targets = val.load_all(teacher.image_size)
 
+    command = f"diode demo{' --quick' if quick else ''}"
     log(f"[2/4] synthesizing {size.synth_images} images from {teacher_name} ({size.iterations} iterations each)")
     cfg = build_config(load_recipe("fast"), iterations=size.iterations, source="recipe fast")
-    run = SynthesisRun(teacher, RunSpec(size.synth_images, teacher.image_size, seed, teacher_name, cfg),
-                       out_dir / "synthetic", command=f"diode demo{' --quick' if quick else ''}")
-    run.check_or_write_settings()
-    run.run(progress=progress)
-    synth_summary = run.merge()
+    synth_summary = synthesize_dataset(teacher, teacher_name, cfg, out_dir / "synthetic", size.synth_images, seed,
+                                       command=command, progress=progress)
 
     log(f"[3/4] distilling a {student_arch} student from scratch on the synthetic images (pseudo-labels)")
-    torch.manual_seed(seed)
-    student = build_detector(student_arch, class_names=teacher.class_names, image_size=teacher.image_size).to(device)
     images = load_transfer_set(str(out_dir / "synthetic"), teacher.image_size, num_images=None, seed=seed,
                                progress=False)
     train_cfg = TrainConfig(epochs=size.epochs, batch_size=16, seed=seed, eval_every=max(1, size.epochs // 4))
-    empty = [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}] * len(images)
-    student_dir = out_dir / "student"
-    train_detector(student, images, empty, val_images, val_targets, train_cfg, student_dir,
-                   command="diode demo", resume=True, progress=progress,
-                   objective=DistillObjective(teacher, DistillConfig()))
-    student, _ = load_detector(student_dir / "best.pt", device=device)
+    student_metrics = train_student(teacher, student_arch, images, None, val_images, val_targets, train_cfg,
+                                    out_dir / "student", progress=progress, command=command)
+    student, _ = load_detector(out_dir / "student" / "best.pt", device=device)
 
-    log("[4/4] evaluating teacher and student on the real validation images")
+    log("[4/4] evaluating the teacher on the real validation images")
     teacher_metrics = evaluate_detector(teacher, val_images, val_targets, teacher.class_names)
-    student_metrics = evaluate_detector(student, val_images, val_targets, teacher.class_names)
     with torch.inference_mode():
         shown = student.predict(val_images[:16].to(device).float() / 255, score_thresh=0.3)
     save_grid(out_dir / "student_predictions.png", val_images[:16], shown, teacher.class_names)

@@ -241,6 +241,23 @@ def render_image(rng: np.random.Generator, image_size: ImageSize) -> tuple[np.nd
     return image.clip(0, 255).astype(np.uint8), boxes, np.asarray(labels, np.int64)
 
 
+def render_background(rng: np.random.Generator, image_size: ImageSize) -> np.ndarray:
+    """A background with clutter and no objects: out-of-distribution natural-ish images."""
+    canvas = Image.fromarray(_background(rng, image_size))
+    _draw_clutter(rng, canvas)
+    return np.asarray(canvas)
+
+
+def generate_backgrounds(out_dir: str | Path, count: int, image_size: ImageSize = (128, 128), seed: int = 0,
+                         progress: bool = True) -> Path:
+    """A folder of `count` object-free images (photo crops, textures, clutter), e.g. a KD proxy set."""
+    out_dir = Path(out_dir)
+    for i in tqdm(range(count), desc="backgrounds", disable=not progress, unit="img"):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 99, i]))
+        save_png(out_dir / f"bg_{i:06d}.png", render_background(rng, image_size))
+    return out_dir
+
+
 def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, SPLIT_IDS[split], index]))
 

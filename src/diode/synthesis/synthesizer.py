@@ -5,8 +5,10 @@ augment images and boxes together, compute the named loss terms (teacher's task 
 `loss_mode`, BN feature-distribution terms from hooks, total variation, image L2), weight them
 in one place, step Adam on the pixels, clamp to [0, 1]. Stages run in order (multi-resolution:
 each stage starts from the previous one's images, upsampled); optional tiling composes a grid of
-finished images into multi-object images and refines them. False positives the teacher sees are
-promoted to targets on an explicit schedule (section 2).
+finished images into multi-object images and refines them at full resolution (the refine stage's
+`scale` / `pixel_scale` are not used). False positives the teacher sees are promoted to targets on
+an explicit schedule (section 2). `bn_first` is the first *selected* BN layer (the network's
+first when all layers are hooked, as in the paper).
 
 Nothing here writes files: the loop returns results and calls `callback(event, info)`.
 """
@@ -45,6 +47,8 @@ class SynthesisResult:
 
 
 def _stage_size(image_size: ImageSize, scale: float, multiple: int) -> ImageSize:
+    """Each side scaled and rounded to a multiple the detector accepts (so a low-resolution stage
+    of a non-square image may not keep its exact aspect; boxes are scaled the same way)."""
     return tuple(max(multiple, int(round(s * scale / multiple)) * multiple) for s in image_size)  # type: ignore[return-value]
 
 
@@ -63,6 +67,8 @@ class Synthesizer:
 
     def __init__(self, teacher: Detector, cfg: SynthesisConfig, *, size_multiple: int = 32) -> None:
         self.teacher = teacher.eval()
+        # Only the pixels are optimised: no gradient buffers for the weights (restored on close).
+        self._requires_grad = [(p, p.requires_grad) for p in teacher.parameters()]
         for p in teacher.parameters():
             p.requires_grad_(False)
         self.cfg = cfg
@@ -73,6 +79,8 @@ class Synthesizer:
 
     def close(self) -> None:
         self.recorder.remove()
+        for p, flag in self._requires_grad:
+            p.requires_grad_(flag)
 
     def _autocast(self):
         if self.cfg.precision == "bf16":
@@ -151,12 +159,15 @@ class Synthesizer:
         """
         cfg = self.cfg
         b = len(targets)
+        if cfg.tiling.enabled and b % (cfg.tiling.grid[0] * cfg.tiling.grid[1]):
+            raise ValueError(f"tiling grid {cfg.tiling.grid} needs a multiple of "
+                             f"{cfg.tiling.grid[0] * cfg.tiling.grid[1]} images, got {b}")
         result = SynthesisResult(images=torch.empty(0), targets=targets, losses={})
         h, w = image_size
         if init is None:
-            # Paper: pixels start as clamp(N(0, 1), 0, 1); drawn at the first pixel grid.
+            # Paper: pixels start as clamp(N(0, 1), 0, 1), drawn at the first stage's pixel grid.
             first = cfg.stages[0]
-            size = _stage_size(image_size, first.scale * first.pixel_scale, 1)
+            size = _stage_size(_stage_size(image_size, first.scale, self.size_multiple), first.pixel_scale, 1)
             init = torch.randn((b, 3, *size), generator=gen).clamp(0, 1)
         params = init.to(self.device)
         iteration = 0

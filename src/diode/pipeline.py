@@ -1,0 +1,53 @@
+"""Library-level steps shared by the demo and the experiment: synthesise, distil, train, score.
+
+Each step is resumable through the run folders it writes (finished synthesis batches and
+training epochs are kept), so a long job cut off by a crash continues when called again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diode.config import SynthesisConfig, TrainConfig
+from diode.detectors.base import Detector
+from diode.detectors.checkpoint import load_detector
+from diode.detectors.registry import build_detector
+from diode.distill.losses import DistillConfig, DistillObjective
+from diode.evaluation import evaluate_detector
+from diode.synthesis.runner import RunSpec, SynthesisRun
+from diode.training.trainer import supervised_objective, train_detector
+from diode.types import Target
+
+
+def synthesize_dataset(teacher: Detector, teacher_name: str, cfg: SynthesisConfig, out_dir: Path, num_images: int,
+                       seed: int, *, command: str = "", progress: bool = True) -> dict:
+    """Run (or finish) a synthesis into `out_dir`; returns its summary (see runner.merge)."""
+    run = SynthesisRun(teacher, RunSpec(num_images, teacher.image_size, seed, teacher_name, cfg), out_dir,
+                       command=command)
+    run.check_or_write_settings()
+    run.run(progress=progress)
+    return run.merge()
+
+
+def train_student(teacher: Detector, student_arch: str, images: torch.Tensor, targets: list[Target] | None,
+                  val_images: torch.Tensor, val_targets: list[Target], cfg: TrainConfig, out_dir: Path, *,
+                  kd: DistillConfig | None = None, progress: bool = True, command: str = "") -> dict:
+    """Train a fresh student for `teacher`'s classes: KD from the teacher when `targets` is None,
+    else supervised on `targets` (the real-label reference). Returns the real-val metrics of its
+    best checkpoint."""
+    device = next(teacher.parameters()).device
+    class_names = teacher.class_names
+    image_size = tuple(images.shape[-2:])
+    torch.manual_seed(cfg.seed)
+    student = build_detector(student_arch, class_names=class_names, image_size=image_size).to(device)
+    if targets is None:
+        objective = DistillObjective(teacher, kd or DistillConfig())
+        targets = [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}] * len(images)
+    else:
+        objective = supervised_objective
+    train_detector(student, images, targets, val_images, val_targets, cfg, out_dir, command=command,
+                   resume=True, progress=progress, objective=objective)
+    best, _ = load_detector(out_dir / "best.pt", device=device)
+    return evaluate_detector(best, val_images, val_targets, best.class_names)

@@ -314,6 +314,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from diode.verify import verify_dataset
+
+    checked, problems = verify_dataset(args.dataset)
+    for problem in problems:
+        print(problem)
+    print(f"{args.dataset}: {checked} images checked, {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from diode.report.html import write_report
 
@@ -330,7 +340,7 @@ def _auto_report(run_dir: Path) -> None:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from diode.experiment import Experiment
 
-    out = Path(args.out or f"runs/experiment-{args.profile}")
+    out = Path(args.out)
     experiment = Experiment(out, args.profile, teacher_name=args.teacher, student_arch=args.student,
                             device=_device(args.device))
     experiment.run()
@@ -342,13 +352,30 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from diode.demo import run_demo
 
-    out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
+    out = Path(args.out)
     result = run_demo(out, quick=args.quick, device=_device(args.device))
     print(f"demo finished in {result.seconds / 60:.1f} min: teacher mAP@.5 {result.teacher_map_50:.3f}, "
           f"student mAP@.5 {result.student_map_50:.3f} (distilled from synthetic images only; teacher "
           f"agreement on them {result.teacher_agreement:.3f}), both on fresh real val images; "
           f"report: {result.report}")
     return 0
+
+
+def _locked_output(args: argparse.Namespace) -> Path | None:
+    """The output folder a command writes, locked for the whole command (one writer per folder).
+
+    Under torchrun only rank 0 holds it: the other ranks are the same job.
+    """
+    import os
+
+    if args.command_name not in ("train", "distill", "synthesize", "demo", "experiment"):
+        return None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    if args.out is None:  # demo / experiment defaults
+        args.out = (f"runs/experiment-{args.profile}" if args.command_name == "experiment"
+                    else "runs/demo-quick" if args.quick else "runs/demo")
+    return Path(args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -441,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     kd.add_argument("--device", default="auto")
     kd.set_defaults(func=cmd_distill)
 
+    ver = sub.add_parser("verify", help="check a synthesised dataset against its manifest checksums")
+    ver.add_argument("dataset", help="a `diode synthesize` output folder")
+    ver.set_defaults(func=cmd_verify)
+
     rep = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) for a run folder")
     rep.add_argument("run_dir", help="a synthesis, training, distillation, demo or experiment folder")
     rep.set_defaults(func=cmd_report)
@@ -467,7 +498,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.command = _command_line(argv)
     try:
-        return args.func(args)
+        folder = _locked_output(args)
+        if folder is None:
+            return args.func(args)
+        from diode.lock import OutputLock
+
+        with OutputLock(folder):
+            return args.func(args)
     except DiodeError as exc:
         if args.debug:
             traceback.print_exc()

@@ -89,12 +89,12 @@ def cmd_detectors(args: argparse.Namespace) -> int:
 
     print("architectures:")
     for name, desc in list_detectors().items():
-        print(f"  {name:14s} {desc}")
+        print(f"  {name:24s} {desc}")
     print("bundled checkpoints:")
     for name, path in bundled_models().items():
         meta = read_checkpoint(path)
         m = meta.get("metrics", {})
-        print(f"  {name:14s} {meta['arch']}, {len(meta['class_names'])} classes, "
+        print(f"  {name:24s} {meta['arch']}, {len(meta['class_names'])} classes, "
               f"{meta['image_size'][0]}x{meta['image_size'][1]}, val mAP@.5 {m.get('map_50', float('nan')):.3f}")
     return 0
 
@@ -121,6 +121,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = _device(args.device)
     torch.manual_seed(cfg.seed)
     model = build_detector(args.arch, class_names=train_set.class_names, image_size=image_size).to(device)
+    if args.init:
+        from diode.detectors.checkpoint import load_detector
+
+        init, _ = load_detector(args.init)
+        if init.arch != args.arch or init.class_names != model.class_names:
+            raise DiodeError(f"--init {args.init}: a {init.arch} for classes {init.class_names} cannot initialise "
+                             f"a {args.arch} for classes {model.class_names}")
+        model.load_state_dict(init.state_dict())
     print(f"training {args.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
           f"{len(train_set)} images, {len(train_set.class_names)} classes, {image_size[0]}x{image_size[1]}, "
           f"{device}", flush=True)
@@ -154,7 +162,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from diode.io import atomic_write_json
 
     device = _device(args.device)
-    model, _ = load_detector(args.model, device=device)
+    model, _ = load_detector(args.model, device=device, trust_checkpoint=args.trust_checkpoint)
     dataset = open_dataset(args.data, split=args.split)
     mapping = _labels_to_model(dataset, model.class_names)
     images, targets = dataset.load_all(model.image_size, progress=True)
@@ -174,7 +182,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from diode.report.grids import save_grid
 
     device = _device(args.device)
-    model, _ = load_detector(args.model, device=device)
+    model, _ = load_detector(args.model, device=device, trust_checkpoint=args.trust_checkpoint)
     dataset = open_dataset(args.data, split=args.split)
     count = min(args.num_images, len(dataset))
     images = torch.stack([dataset.load(i, model.image_size)[0] for i in range(count)])
@@ -215,14 +223,15 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     if args.num_images < 1:
         raise DiodeError(f"--num-images must be >= 1, got {args.num_images}")
     rank, world, device = _distributed(args.device)
-    teacher, _ = load_detector(args.teacher, device=device)
+    teacher, _ = load_detector(args.teacher, device=device, trust_checkpoint=args.trust_checkpoint)
     if args.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     cfg = build_config(load_recipe(args.recipe), batch_size=args.batch_size, iterations=args.iterations,
                        precision=args.precision, source=f"--recipe {args.recipe}")
     image_size = _image_size(args.image_size) or teacher.image_size
     _check_multiple(image_size)
-    verifier = load_detector(args.verifier, device=device)[0] if args.verifier else None
+    verifier = (load_detector(args.verifier, device=device, trust_checkpoint=args.trust_checkpoint)[0]
+                if args.verifier else None)
     if verifier is not None and verifier.class_names != teacher.class_names:
         raise DiodeError(f"--verifier {args.verifier}: its classes differ from the teacher's")
     spec = RunSpec(args.num_images, image_size, args.seed, str(args.teacher), cfg)
@@ -273,13 +282,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise DiodeError(str(exc)) from None
     device = _device(args.device)
-    teacher, _ = load_detector(args.teacher, device=device)
+    teacher, _ = load_detector(args.teacher, device=device, trust_checkpoint=args.trust_checkpoint)
     image_size = teacher.image_size
     torch.manual_seed(cfg.seed)
     if args.student in list_detectors():
         student = build_detector(args.student, class_names=teacher.class_names, image_size=image_size).to(device)
     else:
-        student = load_detector(args.student, device=device)[0]
+        student = load_detector(args.student, device=device, trust_checkpoint=args.trust_checkpoint)[0]
         if tuple(student.image_size) != tuple(image_size):
             raise DiodeError(f"--student {args.student}: image size {student.image_size} differs from the "
                              f"teacher's {image_size}")
@@ -378,6 +387,12 @@ def _locked_output(args: argparse.Namespace) -> Path | None:
     return Path(args.out)
 
 
+def _add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow full unpickling of model files that need it (e.g. an ultralytics .pt): "
+                             "unpickling can run code, so only for files you trust")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diode", description="Data-free knowledge distillation of object detectors.")
     parser.add_argument("--version", action="version", version=f"diode {__version__}")
@@ -411,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    train.add_argument("--init", help="start from this checkpoint's weights (fine-tuning) instead of random init")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     train.set_defaults(func=cmd_train)
 
@@ -421,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the metrics to this JSON file")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--device", default="auto")
+    _add_trust_flag(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="draw a detector's predictions on dataset images (PNG grid)")
@@ -431,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--num-images", type=int, default=16)
     pr.add_argument("--score-thresh", type=float, default=0.3)
     pr.add_argument("--device", default="auto")
+    _add_trust_flag(pr)
     pr.set_defaults(func=cmd_predict)
     syn = sub.add_parser("synthesize", help="invert a detector into a labelled synthetic dataset (DIODE)")
     syn.add_argument("--teacher", required=True, help="checkpoint path or bundled name (e.g. shapes-teacher)")
@@ -445,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPUs)")
     syn.add_argument("--verifier", help="a second detector measuring transferable agreement")
     syn.add_argument("--device", default="auto")
+    _add_trust_flag(syn)
     syn.add_argument("--quiet", action="store_true", help="no progress bar")
     syn.set_defaults(func=cmd_synthesize)
 
@@ -466,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     kd.add_argument("--seed", type=int, default=0)
     kd.add_argument("--resume", action="store_true")
     kd.add_argument("--device", default="auto")
+    _add_trust_flag(kd)
     kd.set_defaults(func=cmd_distill)
 
     ver = sub.add_parser("verify", help="check a synthesised dataset against its manifest checksums")

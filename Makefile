@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.diode-installed
+EXTRAS_STAMP := $(VENV)/.diode-extras-installed
 
 .PHONY: demo test setup browser clean-venv
 
@@ -16,6 +17,11 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The test suite also covers the optional ultralytics adapter (pinned in requirements-extras.lock).
+$(EXTRAS_STAMP): $(STAMP) requirements-extras.lock
+	$(PY) -m pip install -q -r requirements-extras.lock -c requirements.lock
+	touch $(EXTRAS_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/diode demo
 
@@ -24,7 +30,7 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null \
 		|| (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)
 
-test: $(STAMP) browser
+test: $(EXTRAS_STAMP) browser
 	$(PY) -m pytest -q
 
 clean-venv:

@@ -40,4 +40,6 @@ def build_detector(name: str, *, class_names: list[str], image_size: ImageSize) 
 
 def _load_builtin() -> None:
     # Importing the modules runs their @register decorators.
+    import diode.detectors.torchvision_adapter  # noqa: F401
     import diode.detectors.yolo_lite  # noqa: F401
+    import diode.detectors.ultralytics_adapter  # noqa: F401  (registers only when ultralytics is installed)

@@ -118,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     val_set = open_dataset(args.val, split="val")
     image_size = _image_size(args.image_size) or _default_image_size(train_set)
     _check_multiple(image_size)
-    device = _device(args.device)
+    rank, _, device = _distributed(args.device)
     torch.manual_seed(cfg.seed)
     model = build_detector(args.arch, class_names=train_set.class_names, image_size=image_size).to(device)
     if args.init:
@@ -139,9 +139,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     val_images, val_targets = val_set.load_all(image_size, progress=True)
     val_targets = _remap(val_targets, val_mapping)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_yaml(out / "config.yaml", {"command": args.command, "arch": args.arch, "data": str(args.data),
-                                            "val": str(args.val), "image_size": list(image_size),
-                                            "train": cfg.to_dict()})
+    if rank == 0:
+        atomic_write_yaml(out / "config.yaml", {"command": args.command, "arch": args.arch, "data": str(args.data),
+                                                "val": str(args.val), "image_size": list(image_size),
+                                                "train": cfg.to_dict()})
 
     def report(epoch) -> None:
         m = epoch.metrics
@@ -150,8 +151,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"epoch {epoch.epoch:3d}/{cfg.epochs}  {losses}{val}", flush=True)
 
     result = train_detector(model, train_images, train_targets, val_images, val_targets, cfg, out,
-                            command=args.command, resume=args.resume, on_epoch=report)
-    print(f"done: best val mAP {result.best_map:.3f}; checkpoints {out / 'best.pt'} and {out / 'last.pt'}")
+                            command=args.command, resume=args.resume, on_epoch=report, progress=rank == 0)
+    _end_distributed()
+    if rank == 0:
+        print(f"done: best val mAP {result.best_map:.3f}; checkpoints {out / 'best.pt'} and {out / 'last.pt'}")
     return 0
 
 
@@ -213,6 +216,14 @@ def _distributed(device_arg: str) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(backend)
     return rank, world, device
+
+
+def _end_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
@@ -281,7 +292,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         kd = DistillConfig(methods=parse_methods(args.method), pseudo_score_thresh=args.pseudo_score_thresh)
     except ValueError as exc:
         raise DiodeError(str(exc)) from None
-    device = _device(args.device)
+    rank, _, device = _distributed(args.device)
     teacher, _ = load_detector(args.teacher, device=device, trust_checkpoint=args.trust_checkpoint)
     image_size = teacher.image_size
     torch.manual_seed(cfg.seed)
@@ -303,10 +314,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
     print(f"distilling {args.teacher} -> {args.student} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M "
           f"parameters) on {len(images)} transfer images from {args.data}, method {args.method}, {device}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_yaml(out / "config.yaml", {"command": args.command, "teacher": str(args.teacher),
-                                            "student": str(args.student), "data": args.data,
-                                            "val": args.val, "image_size": list(image_size),
-                                            "distill": vars(kd), "train": cfg.to_dict()})
+    if rank == 0:
+        atomic_write_yaml(out / "config.yaml", {"command": args.command, "teacher": str(args.teacher),
+                                                "student": str(args.student), "data": args.data,
+                                                "val": args.val, "image_size": list(image_size),
+                                                "distill": vars(kd), "train": cfg.to_dict()})
 
     def report(epoch) -> None:
         m = epoch.metrics
@@ -316,10 +328,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     empty = [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}] * len(images)
     result = train_detector(student, images, empty, val_images, val_targets, cfg, out, command=args.command,
-                            resume=args.resume, on_epoch=report, objective=DistillObjective(teacher, kd))
-    best = f"best val mAP {result.best_map:.3f}; " if args.val else ""
-    print(f"done: {best}checkpoints {out / 'best.pt'} and {out / 'last.pt'}")
-    _auto_report(out)
+                            resume=args.resume, on_epoch=report, objective=DistillObjective(teacher, kd),
+                            progress=rank == 0)
+    _end_distributed()
+    if rank == 0:
+        best = f"best val mAP {result.best_map:.3f}; " if args.val else ""
+        print(f"done: {best}checkpoints {out / 'best.pt'} and {out / 'last.pt'}")
+        _auto_report(out)
     return 0
 
 

@@ -150,3 +150,27 @@ def test_recipe_with_unknown_key_is_named(tmp_path, capsys):
     assert main(["synthesize", "--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "o"),
                  "--num-images", "2", "--recipe", str(recipe)]) == 2
     assert "stagez" in capsys.readouterr().err
+
+
+def test_non_finite_batch_retried_then_skipped(tmp_path, monkeypatch):
+    from diode.synthesis.synthesizer import Synthesizer
+
+    original = Synthesizer.synthesize
+    calls = []
+
+    def poisoned(self, targets, image_size, gen, init=None, callback=None, lr_scale=1.0):
+        result = original(self, targets, image_size, gen, init=init, callback=callback, lr_scale=lr_scale)
+        calls.append(lr_scale)
+        if len(calls) <= 3:  # the first batch never recovers
+            result.images = result.images * float("nan")
+        return result
+
+    monkeypatch.setattr(Synthesizer, "synthesize", poisoned)
+    run = SynthesisRun(_teacher(), _spec(4), tmp_path)
+    run.run(progress=False)
+    summary = run.merge()
+    assert calls[:3] == [1.0, 0.5, 0.25]  # two retries at halved learning rates
+    assert summary["skipped_batches"] == [0] and summary["num_images"] == 2
+    assert not list((tmp_path / "images").glob("000000_*.png"))  # no NaN image written
+    manifest = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert "skipped" in manifest[0] and "skipped" not in manifest[1]

@@ -38,6 +38,10 @@ GRID_SCORE = 0.3  # detections drawn on the per-batch grids
 MAX_RETRIES = 2  # non-finite losses: retry a batch at half the learning rate this many times
 
 
+class NonFiniteBatch(DiodeError):
+    """A batch whose losses stayed non-finite after the retries: reported and skipped."""
+
+
 @dataclass
 class RunSpec:
     """Everything that determines the dataset's content (checked on resume)."""
@@ -80,7 +84,7 @@ def _to_lists(t: dict) -> dict:
 def _agreement(predictions: list[Prediction], targets: list[Target], class_names: list[str],
                image_size: ImageSize) -> float:
     """COCO mAP@.5 of `predictions` against the targets the images were made for."""
-    if sum(len(t["labels"]) for t in targets) == 0:
+    if not targets or sum(len(t["labels"]) for t in targets) == 0:
         return -1.0
     return evaluate_detections(predictions, targets, class_names, image_size)["map_50"]
 
@@ -166,7 +170,8 @@ class SynthesisRun:
                 np.isfinite(v) for v in result.losses.values())
             if finite:
                 return result
-        raise DiodeError(f"batch {b}: losses stayed non-finite after {MAX_RETRIES} retries at lower learning rates")
+        raise NonFiniteBatch(f"batch {b}: losses stayed non-finite after {MAX_RETRIES} retries at lower "
+                             f"learning rates; skipped (no image of it is written)")
 
     def write_batch(self, b: int, result: SynthesisResult, seconds: float) -> dict:
         spec, out = self.spec, self.out_dir
@@ -218,7 +223,16 @@ class SynthesisRun:
         try:
             for b in todo:
                 t0 = time.time()
-                result = self.synthesize_batch(synth, b, on_iteration=lambda: bar.update(1))
+                try:
+                    result = self.synthesize_batch(synth, b, on_iteration=lambda: bar.update(1))
+                except NonFiniteBatch as exc:
+                    tqdm.write(f"diode: warning: {exc}")
+                    atomic_write_json(self.record_path(b), {
+                        "batch": b, "seed": batch_seed(self.spec.seed, b), "skipped": str(exc), "iterations": 0,
+                        "losses": {}, "fp_added": 0, "seconds": round(time.time() - t0, 3),
+                        "teacher_agreement": None, "verifier_agreement": None, "files": [],
+                        "teacher_predictions": [], "verifier_predictions": None, "history": []})
+                    continue
                 record = self.write_batch(b, result, time.time() - t0)
                 done_images += len(record["files"])
                 bar.set_postfix(img_per_s=f"{done_images / (time.time() - start):.2f}",
@@ -256,7 +270,7 @@ class SynthesisRun:
         write_data_yaml(out / "data.yaml", ".", {"train": "images", "val": "images"}, names)
         manifest_keys = ("batch", "seed", "iterations", "losses", "fp_added", "seconds", "teacher_agreement",
                          "verifier_agreement")
-        lines = [json.dumps({**{k: rec[k] for k in manifest_keys},
+        lines = [json.dumps({**{k: rec[k] for k in manifest_keys}, **({"skipped": rec["skipped"]} if "skipped" in rec else {}),
                              "files": {f["file_name"]: f["sha256"] for f in rec["files"]}}) for rec in records]
         atomic_write_text(out / "manifest.jsonl", "\n".join(lines) + "\n")
         summary = {
@@ -267,7 +281,8 @@ class SynthesisRun:
             "verifier_agreement": (_agreement(verifier_predictions, targets, names, spec.image_size)
                                    if len(verifier_predictions) == len(targets) else None),
             "synthesis_seconds": round(sum(r["seconds"] for r in records), 2),
-            "iterations_per_image": records[0]["iterations"] if records else 0,
+            "iterations_per_image": max((r["iterations"] for r in records), default=0),
+            "skipped_batches": [r["batch"] for r in records if "skipped" in r],
         }
         atomic_write_json(out / "summary.json", summary)
         return summary

@@ -4,7 +4,9 @@ The whole training set is held in memory as uint8 (small datasets, CPU-friendly:
 workers competing for the two cores). Shuffling and augmentation of epoch `e` are seeded from
 (seed, e), so a run resumed from `last.pt` continues exactly as an uninterrupted one would.
 Checkpoints are written atomically at the end of every epoch: `last.pt` (EMA weights plus the
-training state) and `best.pt` (EMA weights with the best val mAP@[.5:.95] so far).
+training state) and `best.pt` (EMA weights with the best val mAP@[.5:.95] so far). Under torchrun
+(an initialised process group) the global batch is split across ranks and gradients averaged;
+rank 0 evaluates and writes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from diode.config import TrainConfig
@@ -105,26 +108,34 @@ def train_detector(model: Detector, train_images: torch.Tensor, train_targets: l
         if start_epoch >= cfg.epochs:
             return result
 
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    if world > 1:
+        _broadcast_state(model)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         order = torch.randperm(n, generator=gen)
+        # Under torchrun each rank takes every world-th image of the global batch and augments it
+        # with its own generator; gradients are averaged, so the step is the global batch's.
+        aug_gen = gen if world == 1 else torch.Generator().manual_seed((cfg.seed * 100_003 + epoch) * 1009 + rank)
         sums: dict[str, float] = {}
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank > 0,
                    unit="batch", leave=False)
         for step_in_epoch in bar:
             step = epoch * steps_per_epoch + step_in_epoch
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(step, total_steps, warmup, cfg.min_lr_ratio)
-            idx = order[step_in_epoch * cfg.batch_size:(step_in_epoch + 1) * cfg.batch_size]
+            idx = order[step_in_epoch * cfg.batch_size:(step_in_epoch + 1) * cfg.batch_size][rank::world]
             images = train_images[idx].to(device).float() / 255
-            images, targets = augment_batch(images, [train_targets[i] for i in idx.tolist()], cfg.augment, gen)
+            images, targets = augment_batch(images, [train_targets[i] for i in idx.tolist()], cfg.augment, aug_gen)
             total, terms = objective(model, images, targets)
             if not torch.isfinite(total):
                 raise DiodeError(f"training diverged at epoch {epoch + 1} step {step_in_epoch}: "
                                  f"loss is {total.item()} ({ {k: v.item() for k, v in terms.items()} })")
             optimizer.zero_grad(set_to_none=True)
             total.backward()
+            if world > 1:
+                _average_gradients(model, world)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             ema.update(model)
@@ -132,6 +143,12 @@ def train_detector(model: Detector, train_images: torch.Tensor, train_targets: l
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.set_postfix({k: f"{v / (step_in_epoch + 1):.3f}" for k, v in sums.items()})
         bar.close()
+        if world > 1:
+            _broadcast_state(model)  # rank 0's BN statistics for everyone (as DDP does)
+            ema_buffers_from_rank0(ema)
+        if rank > 0:
+            dist.barrier()  # rank 0 evaluates and writes; the others wait for it
+            continue
 
         metrics: dict = {}
         if len(val_images) and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
@@ -153,4 +170,26 @@ def train_detector(model: Detector, train_images: torch.Tensor, train_targets: l
         atomic_write_json(out_dir / "history.json", [vars(h) for h in result.history])
         if on_epoch is not None:
             on_epoch(epoch_result)
+        if world > 1:
+            dist.barrier()
     return result
+
+
+def _broadcast_state(model: torch.nn.Module) -> None:
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, src=0)
+
+
+def ema_buffers_from_rank0(ema: ModelEMA) -> None:
+    for tensor in ema.model.state_dict().values():
+        dist.broadcast(tensor, src=0)
+
+
+def _average_gradients(model: torch.nn.Module, world: int) -> None:
+    """All-reduce (mean) of every parameter's gradient; missing gradients count as zero."""
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)

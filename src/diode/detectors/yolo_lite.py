@@ -7,7 +7,8 @@ classes). Decoding follows YOLOv5: centre ``(grid + 2 sigmoid(t) - 0.5) * stride
 ``anchor * (2 sigmoid(t))^2``, so a level covers objects from 0 to 4x its anchor.
 
 Training assignment: a ground-truth box is matched at every level whose anchor differs from it
-by less than ``ANCHOR_RATIO`` in width and height, in the cell holding its centre plus the two
+by less than ``ANCHOR_RATIO`` in width and height, and always at its best-matching level (so the
+smallest and thinnest objects are learned too), in the cell holding its centre plus the two
 nearest neighbour cells (more positives, faster convergence). Losses (named, unweighted):
 ``box`` = 1 - CIoU over positives, ``obj`` = BCE against the detached IoU at positives and 0
 elsewhere (level-balanced), ``cls`` = BCE summed over classes, averaged over positives.
@@ -184,14 +185,18 @@ class YoloLite(Detector):
 
     def _assign(self, targets: list[Target], level: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
         """Positive (image, gy, gx, target box, label) tuples for one level, neighbours included."""
-        stride, anchor = STRIDES[level], float(self.anchors[level])
+        stride = STRIDES[level]
         device = self.anchors.device
         img_idx = torch.cat([torch.full((len(t["labels"]),), i, device=device) for i, t in enumerate(targets)])
         boxes = torch.cat([t["boxes"].to(device).float() for t in targets])
         labels = torch.cat([t["labels"].to(device) for t in targets])
         wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-3)
-        ratio = torch.maximum(wh / anchor, anchor / wh).amax(1)
-        ok = ratio < ANCHOR_RATIO
+        # Width/height mismatch with every level's anchor [N, L]; a box is matched where the
+        # mismatch is below ANCHOR_RATIO, and always at its best level, so tiny or thin objects
+        # (sides under anchor / ANCHOR_RATIO) still get positives.
+        anchors = self.anchors[None, :, None]
+        ratios = torch.maximum(wh[:, None] / anchors, anchors / wh[:, None]).amax(2)
+        ok = (ratios[:, level] < ANCHOR_RATIO) | (ratios.argmin(1) == level)
         img_idx, boxes, labels = img_idx[ok], boxes[ok], labels[ok]
         centre = (boxes[:, :2] + boxes[:, 2:]) / 2 / stride  # in cell units
         cell = centre.floor()

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 @dataclass
 class AugmentConfig:
     flip_p: float = 0.5  # probability of a horizontal flip
-    scale: tuple[float, float] = (0.7, 1.4)  # zoom factor range (log-uniform)
-    translate: float = 0.15  # max shift as a fraction of the image side
+    scale: tuple[float, float] = (0.8, 1.3)  # zoom factor range (log-uniform)
+    translate: float = 0.1  # max shift as a fraction of the image side
     hue: float = 0.05  # max hue rotation as a fraction of a full turn
     saturation: float = 0.5  # saturation factor in [1 - s, 1 + s]
     value: float = 0.35  # brightness factor in [1 - v, 1 + v]

@@ -28,8 +28,10 @@ from diode.detectors.registry import register
 from diode.types import ImageSize, Prediction, Target
 
 STRIDES = (8, 16, 32)
+STRIDES_P2 = (4, 8, 16, 32)  # with a stride-4 level for small objects
 ANCHOR_RATIO = 4.0  # max width/height ratio between a box and a level's anchor to be matched
-OBJ_BALANCE = (4.0, 1.0, 0.4)  # objectness weight per level: small levels have many more cells
+# Objectness weight per level: fine levels have many more cells (values as in YOLOv5).
+OBJ_BALANCE = {3: (4.0, 1.0, 0.4), 4: (4.0, 1.0, 0.25, 0.06)}
 
 
 class ConvBN(nn.Sequential):
@@ -86,8 +88,10 @@ class YoloLite(Detector):
     """One-stage detector; input sides must be multiples of 32."""
 
     def __init__(self, class_names: list[str], image_size: ImageSize, widths: tuple[int, ...],
-                 depth: int) -> None:
+                 depth: int, p2: bool = False) -> None:
         super().__init__(class_names, image_size)
+        self.strides = STRIDES_P2 if p2 else STRIDES
+        self.obj_balance = OBJ_BALANCE[len(self.strides)]
         if image_size[0] % STRIDES[-1] or image_size[1] % STRIDES[-1]:
             raise ValueError(f"image_size must be a multiple of {STRIDES[-1]}, got {tuple(image_size)}")
         c0, c1, c2, c3, c4 = widths
@@ -100,10 +104,14 @@ class YoloLite(Detector):
         self.top_down3 = CSPBlock(c3 + c2, c2, depth, shortcut=False)
         self.down3, self.bottom_up4 = ConvBN(c2, c2, 3, 2), CSPBlock(c2 + c3, c3, depth, shortcut=False)
         self.down4, self.bottom_up5 = ConvBN(c3, c3, 3, 2), CSPBlock(c3 + c4, c4, depth, shortcut=False)
+        if p2:  # stride-4 level: top-down into stage 2, then back up into the stride-8 level
+            self.top_down2 = CSPBlock(c2 + c1, c1, depth, shortcut=False)
+            self.down2, self.bottom_up3 = ConvBN(c1, c1, 3, 2), CSPBlock(c1 + c2, c2, depth, shortcut=False)
         self.num_outputs = 5 + self.num_classes
+        level_widths = (c1, c2, c3, c4) if p2 else (c2, c3, c4)
         self.heads = nn.ModuleList(
-            nn.Sequential(ConvBN(c, c, 3), nn.Conv2d(c, self.num_outputs, 1)) for c in (c2, c3, c4))
-        self.register_buffer("anchors", torch.tensor([4.0 * s for s in STRIDES]), persistent=False)
+            nn.Sequential(ConvBN(c, c, 3), nn.Conv2d(c, self.num_outputs, 1)) for c in level_widths)
+        self.register_buffer("anchors", torch.tensor([4.0 * s for s in self.strides]), persistent=False)
         self.loss_weights = {"box": 1.0, "obj": 1.0, "cls": 1.0}
         self.score_thresh, self.iou_thresh, self.max_detections = 0.001, 0.6, 100
         self._init_head_biases()
@@ -111,7 +119,7 @@ class YoloLite(Detector):
     def _init_head_biases(self) -> None:
         # Start from a prior of about 5 objects per image per level and class probability 1/C,
         # so early training is not swamped by the loss of background cells.
-        for head, stride in zip(self.heads, STRIDES):
+        for head, stride in zip(self.heads, self.strides):
             cells = (self.image_size[0] // stride) * (self.image_size[1] // stride)
             p = min(5.0 / cells, 0.5)
             bias = head[-1].bias.data
@@ -128,9 +136,15 @@ class YoloLite(Detector):
         p5 = self.stage5(p4)
         t4 = self.top_down4(torch.cat([F.interpolate(p5, scale_factor=2.0), p4], 1))
         t3 = self.top_down3(torch.cat([F.interpolate(t4, scale_factor=2.0), p3], 1))
+        levels = []
+        if len(self.strides) == 4:
+            t2 = self.top_down2(torch.cat([F.interpolate(t3, scale_factor=2.0), x2], 1))
+            t3 = self.bottom_up3(torch.cat([self.down2(t2), t3], 1))
+            levels.append(t2)
         b4 = self.bottom_up4(torch.cat([self.down3(t3), t4], 1))
         b5 = self.bottom_up5(torch.cat([self.down4(b4), p5], 1))
-        return [head(f).permute(0, 2, 3, 1) for head, f in zip(self.heads, (t3, b4, b5))]
+        levels += [t3, b4, b5]
+        return [head(f).permute(0, 2, 3, 1) for head, f in zip(self.heads, levels)]
 
     def raw_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self(images)
@@ -140,7 +154,7 @@ class YoloLite(Detector):
 
     def _decode_boxes(self, raw: torch.Tensor, level: int, gx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
         """raw [..., >=4] at cells (gx, gy) of `level` -> boxes [..., 4] xyxy pixels."""
-        stride, anchor = STRIDES[level], self.anchors[level]
+        stride, anchor = self.strides[level], self.anchors[level]
         t = raw[..., :4].float().sigmoid()
         cx = (gx + 2 * t[..., 0] - 0.5) * stride
         cy = (gy + 2 * t[..., 1] - 0.5) * stride
@@ -185,7 +199,7 @@ class YoloLite(Detector):
 
     def _assign(self, targets: list[Target], level: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
         """Positive (image, gy, gx, target box, label) tuples for one level, neighbours included."""
-        stride = STRIDES[level]
+        stride = self.strides[level]
         device = self.anchors.device
         img_idx = torch.cat([torch.full((len(t["labels"]),), i, device=device) for i, t in enumerate(targets)])
         boxes = torch.cat([t["boxes"].to(device).float() for t in targets])
@@ -239,17 +253,19 @@ class YoloLite(Detector):
                 onehot = F.one_hot(tlabel, self.num_classes).float()
                 cls_loss = cls_loss + F.binary_cross_entropy_with_logits(pred[:, 5:], onehot, reduction="sum")
                 n_pos += len(img)
-            obj_loss = obj_loss + OBJ_BALANCE[level] * F.binary_cross_entropy_with_logits(raw[..., 4], obj_target)
+            obj_loss = obj_loss + self.obj_balance[level] * F.binary_cross_entropy_with_logits(raw[..., 4], obj_target)
         n_pos = max(n_pos, 1)
         return {"box": box_loss / n_pos, "obj": obj_loss, "cls": cls_loss / n_pos}
 
 
-def _builder(widths: tuple[int, ...], depth: int):
+def _builder(widths: tuple[int, ...], depth: int, p2: bool = False):
     def build(*, class_names: list[str], image_size: ImageSize) -> YoloLite:
-        return YoloLite(class_names, image_size, widths, depth)
+        return YoloLite(class_names, image_size, widths, depth, p2)
     return build
 
 
 register("yolo-lite-n", "built-in YOLO-style detector, about 0.3M parameters")(_builder((8, 16, 32, 48, 64), 1))
 register("yolo-lite-s", "built-in YOLO-style detector, about 1.1M parameters")(_builder((16, 24, 48, 96, 128), 1))
 register("yolo-lite-m", "built-in YOLO-style detector, about 4.1M parameters")(_builder((16, 32, 64, 128, 256), 2))
+register("yolo-lite-s-p2", "yolo-lite-s plus a stride-4 level for small objects, about 1.2M parameters")(
+    _builder((16, 24, 48, 96, 128), 1, p2=True))

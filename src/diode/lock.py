@@ -2,7 +2,8 @@
 
 A second run on the same folder is refused with a clear message. A lock left by a process that
 no longer exists (killed, crashed machine) is detected and taken over, so a crashed run can be
-resumed by simply rerunning its command.
+resumed by simply rerunning its command; the temp files of atomic writes the dead process left
+behind are removed then.
 """
 
 from __future__ import annotations
@@ -60,8 +61,15 @@ class OutputLock:
             with os.fdopen(fd, "w") as f:
                 f.write(me)
             self.held = True
+            self._remove_stale_temp_files()
             return
         raise DiodeError(f"{self.folder}: could not take the lock {self.path}")
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of atomic writes interrupted by a kill: safe to delete once we own the folder."""
+        for path in self.folder.rglob(".*.tmp"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
 
     def _owner(self) -> dict | None:
         try:

@@ -99,21 +99,27 @@ def cmd_detectors(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _training_run(args: argparse.Namespace):
+    """(output folder, TrainConfig) shared by train and distill; refuses to overwrite a run."""
     from diode.config import TrainConfig
-    from diode.data import open_dataset
-    from diode.detectors.registry import build_detector
-    from diode.io import atomic_write_yaml
-    from diode.training.trainer import train_detector
 
     out = Path(args.out)
     if (out / "last.pt").exists() and not args.resume:
         raise DiodeError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
     try:
-        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
-                          eval_every=args.eval_every)
+        return out, TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
+                                eval_every=args.eval_every)
     except ValueError as exc:
         raise DiodeError(str(exc)) from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from diode.data import open_dataset
+    from diode.detectors.registry import build_detector
+    from diode.io import atomic_write_yaml
+    from diode.training.trainer import train_detector
+
+    out, cfg = _training_run(args)
     train_set = open_dataset(args.data, split="train")
     val_set = open_dataset(args.val, split="val")
     image_size = _image_size(args.image_size) or _default_image_size(train_set)
@@ -274,7 +280,6 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from diode.config import TrainConfig
     from diode.data import open_dataset
     from diode.detectors.checkpoint import load_detector
     from diode.detectors.registry import build_detector, list_detectors
@@ -282,13 +287,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from diode.distill.sources import load_transfer_set
     from diode.io import atomic_write_yaml
     from diode.training.trainer import train_detector
+    from diode.types import empty_target
 
-    out = Path(args.out)
-    if (out / "last.pt").exists() and not args.resume:
-        raise DiodeError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
+    out, cfg = _training_run(args)
     try:
-        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
-                          eval_every=args.eval_every)
         kd = DistillConfig(methods=parse_methods(args.method), pseudo_score_thresh=args.pseudo_score_thresh)
     except ValueError as exc:
         raise DiodeError(str(exc)) from None
@@ -326,7 +328,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print(f"epoch {epoch.epoch:3d}/{cfg.epochs}  loss {sum(v for k, v in epoch.loss.items() if k in kd.methods):.4f}"
               f"{val}", flush=True)
 
-    empty = [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}] * len(images)
+    empty = [empty_target()] * len(images)
     result = train_detector(student, images, empty, val_images, val_targets, cfg, out, command=args.command,
                             resume=args.resume, on_epoch=report, objective=DistillObjective(teacher, kd),
                             progress=rank == 0)

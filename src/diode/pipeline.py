@@ -18,7 +18,7 @@ from diode.distill.losses import DistillConfig, DistillObjective
 from diode.evaluation import evaluate_detector
 from diode.synthesis.runner import RunSpec, SynthesisRun
 from diode.training.trainer import supervised_objective, train_detector
-from diode.types import Target
+from diode.types import Target, empty_target
 
 
 def synthesize_dataset(teacher: Detector, teacher_name: str, cfg: SynthesisConfig, out_dir: Path, num_images: int,
@@ -44,7 +44,7 @@ def train_student(teacher: Detector, student_arch: str, images: torch.Tensor, ta
     student = build_detector(student_arch, class_names=class_names, image_size=image_size).to(device)
     if targets is None:
         objective = DistillObjective(teacher, kd or DistillConfig())
-        targets = [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}] * len(images)
+        targets = [empty_target()] * len(images)
     else:
         objective = supervised_objective
     train_detector(student, images, targets, val_images, val_targets, cfg, out_dir, command=command,

@@ -10,8 +10,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import torch
 
@@ -28,17 +27,4 @@ def empty_target(device: torch.device | str = "cpu") -> Target:
     }
 
 
-@dataclass
-class DetectionSample:
-    """One image of a dataset, already letterboxed to the dataset's working size.
-
-    image: uint8 tensor ``[3, H, W]``; target: boxes in the letterboxed pixel frame.
-    """
-
-    image: torch.Tensor
-    target: Target
-    file_name: str = ""
-    extra: dict = field(default_factory=dict)
-
-
-__all__ = ["Target", "Prediction", "ImageSize", "DetectionSample", "empty_target", "List"]
+__all__ = ["Target", "Prediction", "ImageSize", "empty_target"]

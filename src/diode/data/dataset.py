@@ -121,6 +121,22 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.array(img, dtype=np.uint8)
 
 
+def _geometry(real_size: ImageSize, image_size: ImageSize) -> tuple[float, tuple[float, float], ImageSize]:
+    """(scale, (pad_x, pad_y), resized (h, w)) of letterboxing ``real_size`` into ``image_size``."""
+    h, w = real_size
+    out_h, out_w = image_size
+    scale = min(out_h / h, out_w / w)
+    new_h = min(out_h, max(1, round(h * scale)))
+    new_w = min(out_w, max(1, round(w * scale)))
+    return scale, (float((out_w - new_w) // 2), float((out_h - new_h) // 2)), (new_h, new_w)
+
+
+def letterbox_geometry(real_size: ImageSize, image_size: ImageSize) -> tuple[float, tuple[float, float]]:
+    """``(scale, (pad_x, pad_y))`` that `letterbox` applies to an image of ``real_size``."""
+    scale, pad, _ = _geometry(real_size, image_size)
+    return scale, pad
+
+
 def letterbox(
     image: torch.Tensor, image_size: ImageSize, fill: int = 114
 ) -> tuple[torch.Tensor, float, tuple[float, float]]:
@@ -139,9 +155,7 @@ def letterbox(
     if out_h <= 0 or out_w <= 0:
         raise DiodeError(f"image_size must be positive (H, W), got {tuple(image_size)}")
     channels, h, w = image.shape
-    scale = min(out_h / h, out_w / w)
-    new_h = min(out_h, max(1, round(h * scale)))
-    new_w = min(out_w, max(1, round(w * scale)))
+    scale, (pad_x, pad_y), (new_h, new_w) = _geometry((h, w), (out_h, out_w))
     if (new_h, new_w) == (h, w):
         resized = image
     else:
@@ -150,7 +164,7 @@ def letterbox(
             antialias=True,
         )[0]
         resized = resized.round().clamp(0, 255).to(image.dtype)
-    pad_x, pad_y = (out_w - new_w) // 2, (out_h - new_h) // 2
+    pad_x, pad_y = int(pad_x), int(pad_y)
     out = torch.full((channels, out_h, out_w), fill, dtype=image.dtype, device=image.device)
     out[:, pad_y : pad_y + new_h, pad_x : pad_x + new_w] = resized
     return out, scale, (float(pad_x), float(pad_y))
@@ -198,28 +212,30 @@ class DetectionDataset:
         return read_rgb(self.image_path(i))
 
     def load(self, i: int, image_size: ImageSize) -> tuple[torch.Tensor, Target]:
-        """Image ``i`` letterboxed to ``image_size``: uint8 ``[3, H, W]`` and its target.
+        """Image ``i`` letterboxed to ``image_size``: uint8 ``[3, H, W]`` and its target."""
+        image = self.read_image(i)
+        target = self.target(i, image_size, real_size=tuple(image.shape[1:]))
+        return letterbox(image, image_size)[0], target
 
-        If the stored image is not the declared ``height x width`` (an annotation file out of date
-        with a resized image), the boxes are scaled to the real size rather than rejected: the
+    def target(self, i: int, image_size: ImageSize, real_size: ImageSize | None = None) -> Target:
+        """Record ``i``'s boxes in the frame of its image letterboxed to ``image_size``.
+
+        ``real_size`` is the stored image's ``(h, w)`` (read from the file header when not given).
+        If it is not the declared ``height x width`` (an annotation file out of date with a
+        resized image), the boxes are scaled to the real size rather than rejected: the
         annotations are assumed to describe the same content. Boxes are clipped to the image
         (readers accept up to 1 px overhang) and boxes left empty by clipping are dropped.
         """
         record = self.records[i]
-        image = self.read_image(i)
-        real_h, real_w = image.shape[1:]
+        real_h, real_w = real_size or read_image_size(self.image_path(i))
         boxes = record.boxes.to(torch.float32)
         if (real_h, real_w) != (record.height, record.width):
             sx, sy = real_w / record.width, real_h / record.height
             boxes = boxes * boxes.new_tensor([sx, sy, sx, sy])
         boxes = clip_boxes_to_image(boxes, (real_h, real_w))
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        image, scale, pad = letterbox(image, image_size)
-        target = {
-            "boxes": letterbox_boxes(boxes[keep], scale, pad),
-            "labels": record.labels[keep].to(torch.int64),
-        }
-        return image, target
+        scale, pad = letterbox_geometry((real_h, real_w), image_size)
+        return {"boxes": letterbox_boxes(boxes[keep], scale, pad), "labels": record.labels[keep].to(torch.int64)}
 
     def load_all(
         self, image_size: ImageSize, progress: bool = False

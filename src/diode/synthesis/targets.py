@@ -13,9 +13,9 @@ import inspect
 from typing import Callable, Sequence
 
 import torch
-from torchvision.ops import box_iou, clip_boxes_to_image
+from torchvision.ops import box_iou
 
-from diode.data.dataset import DetectionDataset, letterbox_boxes, read_image_size
+from diode.data.dataset import DetectionDataset
 from diode.errors import DiodeError
 from diode.types import ImageSize, Target
 
@@ -138,18 +138,6 @@ def sample_multi_box(
     return targets
 
 
-def _letterbox_geometry(
-    real_size: ImageSize, image_size: ImageSize
-) -> tuple[float, tuple[float, float]]:
-    """``(scale, (pad_x, pad_y))`` that `diode.data.dataset.letterbox` uses for these sizes."""
-    h, w = real_size
-    out_h, out_w = image_size
-    scale = min(out_h / h, out_w / w)
-    new_h = min(out_h, max(1, round(h * scale)))
-    new_w = min(out_w, max(1, round(w * scale)))
-    return scale, (float((out_w - new_w) // 2), float((out_h - new_h) // 2))
-
-
 def targets_from_dataset(
     dataset: DetectionDataset,
     indices: Sequence[int],
@@ -171,21 +159,8 @@ def targets_from_dataset(
     for i in indices:
         if not 0 <= i < len(dataset):
             raise DiodeError(f"{dataset.source}: index {i} outside 0..{len(dataset) - 1}")
-        record = dataset.records[i]
-        real_h, real_w = read_image_size(dataset.image_path(i))
-        boxes = record.boxes.to(torch.float32)
-        if (real_h, real_w) != (record.height, record.width):
-            sx, sy = real_w / record.width, real_h / record.height
-            boxes = boxes * boxes.new_tensor([sx, sy, sx, sy])
-        boxes = clip_boxes_to_image(boxes, (real_h, real_w))
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        scale, pad = _letterbox_geometry((real_h, real_w), (out_h, out_w))
-        targets.append(
-            {
-                "boxes": letterbox_boxes(boxes[keep], scale, pad).to(device),
-                "labels": record.labels[keep].to(torch.int64).to(device),
-            }
-        )
+        target = dataset.target(i, (out_h, out_w))  # reads the image header, not its pixels
+        targets.append({k: v.to(device) for k, v in target.items()})
     return targets
 
 

@@ -17,7 +17,7 @@ import torch
 from diode.config import TrainConfig
 from diode.data import open_dataset
 from diode.data.shapes import generate_shapes
-from diode.detectors.checkpoint import load_detector
+from diode.detectors.checkpoint import bundled_models, load_detector
 from diode.distill.sources import load_transfer_set
 from diode.evaluation import evaluate_detector
 from diode.io import atomic_write_json
@@ -66,8 +66,11 @@ def run_demo(out_dir: Path, *, quick: bool = False, teacher_name: str = "shapes-
     command = f"diode demo{' --quick' if quick else ''}"
     log(f"[2/4] synthesizing {size.synth_images} images from {teacher_name} ({size.iterations} iterations each)")
     cfg = build_config(load_recipe("fast"), iterations=size.iterations, source="recipe fast")
+    # The bundled verifier (an independently trained yolo-lite-n) measures whether the images carry
+    # object evidence other detectors see too, not only patterns the teacher responds to.
+    verifier = load_detector("shapes-verifier", device=device)[0] if "shapes-verifier" in bundled_models() else None
     synth_summary = synthesize_dataset(teacher, teacher_name, cfg, out_dir / "synthetic", size.synth_images, seed,
-                                       command=command, progress=progress)
+                                       command=command, progress=progress, verifier=verifier)
 
     log(f"[3/4] distilling a {student_arch} student from scratch on the synthetic images (pseudo-labels)")
     images = load_transfer_set(str(out_dir / "synthetic"), teacher.image_size, num_images=None, seed=seed,
@@ -89,7 +92,8 @@ def run_demo(out_dir: Path, *, quick: bool = False, teacher_name: str = "shapes-
         "student_fraction_of_teacher_map_50": (student_metrics["map_50"] / teacher_metrics["map_50"]
                                                if teacher_metrics["map_50"] > 0 else None),
         "synthetic_images": synth_summary["num_images"], "synthesis_iterations": size.iterations,
-        "teacher_agreement": synth_summary["teacher_agreement"], "distill_epochs": size.epochs,
+        "teacher_agreement": synth_summary["teacher_agreement"],
+        "verifier_agreement": synth_summary["verifier_agreement"], "distill_epochs": size.epochs,
         "real_val_images": size.val_images, "seconds": round(time.time() - start, 1),
     }
     atomic_write_json(out_dir / "summary.json", summary)

@@ -22,10 +22,11 @@ from diode.types import Target, empty_target
 
 
 def synthesize_dataset(teacher: Detector, teacher_name: str, cfg: SynthesisConfig, out_dir: Path, num_images: int,
-                       seed: int, *, command: str = "", progress: bool = True) -> dict:
+                       seed: int, *, command: str = "", progress: bool = True,
+                       verifier: Detector | None = None) -> dict:
     """Run (or finish) a synthesis into `out_dir`; returns its summary (see runner.merge)."""
     run = SynthesisRun(teacher, RunSpec(num_images, teacher.image_size, seed, teacher_name, cfg), out_dir,
-                       command=command)
+                       command=command, verifier=verifier)
     run.check_or_write_settings()
     run.run(progress=progress)
     return run.merge()

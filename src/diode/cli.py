@@ -164,15 +164,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def _model_and_dataset(args: argparse.Namespace):
+    """(device, detector, dataset) for the commands that run a model over a labelled dataset."""
     from diode.data import open_dataset
     from diode.detectors.checkpoint import load_detector
-    from diode.evaluation import evaluate_detector, format_table
-    from diode.io import atomic_write_json
 
     device = _device(args.device)
     model, _ = load_detector(args.model, device=device, trust_checkpoint=args.trust_checkpoint)
-    dataset = open_dataset(args.data, split=args.split)
+    return device, model, open_dataset(args.data, split=args.split)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from diode.evaluation import evaluate_detector, format_table
+    from diode.io import atomic_write_json
+
+    _, model, dataset = _model_and_dataset(args)
     mapping = _labels_to_model(dataset, model.class_names)
     images, targets = dataset.load_all(model.image_size, progress=True)
     targets = _remap(targets, mapping)
@@ -186,13 +192,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from diode.data import open_dataset
-    from diode.detectors.checkpoint import load_detector
     from diode.report.grids import save_grid
 
-    device = _device(args.device)
-    model, _ = load_detector(args.model, device=device, trust_checkpoint=args.trust_checkpoint)
-    dataset = open_dataset(args.data, split=args.split)
+    device, model, dataset = _model_and_dataset(args)
     count = min(args.num_images, len(dataset))
     images = torch.stack([dataset.load(i, model.image_size)[0] for i in range(count)])
     with torch.inference_mode():

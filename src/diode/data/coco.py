@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torchvision.ops import box_convert
 
-from diode.data.dataset import DetectionDataset, Record, brief, dataset_error, entry_arrays
+from diode.data.dataset import DetectionDataset, Record, brief, dataset_error, entry_arrays, read_text
 from diode.io import atomic_write_json
 
 # Largest image side accepted; PIL and torch index pixels with 32-bit integers.
@@ -51,14 +51,7 @@ def _as_size(value: Any) -> int | None:
 
 
 def _load_json(json_path: Path) -> Any:
-    try:
-        text = json_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise dataset_error(json_path, "file not found") from None
-    except UnicodeDecodeError as exc:
-        raise dataset_error(json_path, f"not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise dataset_error(json_path, f"cannot read ({exc.strerror or exc})") from None
+    text = read_text(json_path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

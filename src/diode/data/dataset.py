@@ -70,6 +70,18 @@ def entry_arrays(
     return boxes, labels
 
 
+def read_text(path: Path) -> str:
+    """UTF-8 text of a dataset file; missing, unreadable or non-UTF-8 files raise `DiodeError`."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise dataset_error(path, "file not found") from None
+    except UnicodeDecodeError as exc:
+        raise dataset_error(path, f"not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise dataset_error(path, f"cannot read ({exc.strerror or exc})") from None
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 

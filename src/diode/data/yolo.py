@@ -26,6 +26,7 @@ from diode.data.dataset import (
     dataset_error,
     entry_arrays,
     read_image_size,
+    read_text,
 )
 from diode.io import atomic_write_text, atomic_write_yaml
 
@@ -37,14 +38,7 @@ COORD_TOLERANCE = 0.01
 
 
 def _load_yaml(yaml_path: Path) -> dict:
-    try:
-        text = yaml_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise dataset_error(yaml_path, "file not found") from None
-    except UnicodeDecodeError as exc:
-        raise dataset_error(yaml_path, f"not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise dataset_error(yaml_path, f"cannot read ({exc.strerror or exc})") from None
+    text = read_text(yaml_path)
     try:
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:

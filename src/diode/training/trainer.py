@@ -145,7 +145,7 @@ def train_detector(model: Detector, train_images: torch.Tensor, train_targets: l
         bar.close()
         if world > 1:
             _broadcast_state(model)  # rank 0's BN statistics for everyone (as DDP does)
-            ema_buffers_from_rank0(ema)
+            _broadcast_state(ema.model)
         if rank > 0:
             dist.barrier()  # rank 0 evaluates and writes; the others wait for it
             continue
@@ -177,11 +177,6 @@ def train_detector(model: Detector, train_images: torch.Tensor, train_targets: l
 
 def _broadcast_state(model: torch.nn.Module) -> None:
     for tensor in model.state_dict().values():
-        dist.broadcast(tensor, src=0)
-
-
-def ema_buffers_from_rank0(ema: ModelEMA) -> None:
-    for tensor in ema.model.state_dict().values():
         dist.broadcast(tensor, src=0)
 
 

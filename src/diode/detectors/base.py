@@ -52,6 +52,12 @@ class Detector(nn.Module):
         """Per-location object probability for each raw output level (same leading shape, no channel)."""
         raise NotImplementedError(f"{type(self).__name__} exposes no objectness")
 
+    def soft_distill(self, student_outputs: list[torch.Tensor],
+                     teacher_outputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Dense soft-target distillation terms (named, already weighted) between a student's and a
+        teacher's raw outputs of this head layout, in the detector's own output space."""
+        raise NotImplementedError(f"{type(self).__name__} defines no soft-target distillation")
+
     def weighted_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         """The detector's own training objective: its loss terms weighted by ``loss_weights``."""
         return sum(self.loss_weights.get(k, 1.0) * v for k, v in terms.items())

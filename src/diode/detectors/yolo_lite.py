@@ -12,6 +12,12 @@ smallest and thinnest objects are learned too), in the cell holding its centre p
 nearest neighbour cells (more positives, faster convergence). Losses (named, unweighted):
 ``box`` = 1 - CIoU over positives, ``obj`` = BCE against the detached IoU at positives and 0
 elsewhere (level-balanced), ``cls`` = BCE summed over classes, averaged over positives.
+
+Soft-target distillation (:meth:`YoloLite.soft_distill`): every output channel is a sigmoid
+logit, so the teacher's probabilities are targets for the student's logits, with the relative
+entropy ``BCE(s, p_t) - H(p_t)`` (zero at a perfect match) as the distance: ``soft_obj`` over
+every cell (mean per level, summed), ``soft_box_cls`` over box and class channels weighted by
+the teacher's objectness, so background cells do not dominate.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ STRIDES = (8, 16, 32)
 STRIDES_P2 = (4, 8, 16, 32)  # with a stride-4 level for small objects
 ANCHOR_RATIO = 4.0  # max width/height ratio between a box and a level's anchor to be matched
 # Objectness weight per level: fine levels have many more cells (values as in YOLOv5).
+SOFT_OBJ_WEIGHT = 4.0  # soft_distill: objectness term against the objectness-weighted box/class term
 OBJ_BALANCE = {3: (4.0, 1.0, 0.4), 4: (4.0, 1.0, 0.25, 0.06)}
 
 
@@ -153,6 +160,20 @@ class YoloLite(Detector):
     def objectness(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
         return [o[..., 4].float().sigmoid() for o in outputs]
 
+    def soft_distill(self, student_outputs: list[torch.Tensor],
+                     teacher_outputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        obj, box_cls = student_outputs[0].new_zeros((), dtype=torch.float32), 0.0
+        for s, t in zip(student_outputs, teacher_outputs):
+            s, t = s.float(), t.float()
+            p = t.sigmoid()
+            distance = (F.binary_cross_entropy_with_logits(s, p, reduction="none")
+                        - F.binary_cross_entropy_with_logits(t, p, reduction="none"))
+            weight = p[..., 4]
+            obj = obj + distance[..., 4].mean()
+            rest = torch.cat([distance[..., :4], distance[..., 5:]], -1).mean(-1)
+            box_cls = box_cls + (rest * weight).sum() / weight.sum().clamp(min=1e-6)
+        return {"soft_obj": SOFT_OBJ_WEIGHT * obj, "soft_box_cls": box_cls}
+
     def _decode_boxes(self, raw: torch.Tensor, level: int, gx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
         """raw [..., >=4] at cells (gx, gy) of `level` -> boxes [..., 4] xyxy pixels."""
         stride, anchor = self.strides[level], self.anchors[level]
@@ -268,5 +289,7 @@ def _builder(widths: tuple[int, ...], depth: int, p2: bool = False):
 register("yolo-lite-n", "built-in YOLO-style detector, about 0.3M parameters")(_builder((8, 16, 32, 48, 64), 1))
 register("yolo-lite-s", "built-in YOLO-style detector, about 1.1M parameters")(_builder((16, 24, 48, 96, 128), 1))
 register("yolo-lite-m", "built-in YOLO-style detector, about 4.1M parameters")(_builder((16, 32, 64, 128, 256), 2))
+register("yolo-lite-n-p2", "yolo-lite-n plus a stride-4 level (yolo-lite-s-p2's head layout), about 0.3M parameters")(
+    _builder((8, 16, 32, 48, 64), 1, p2=True))
 register("yolo-lite-s-p2", "yolo-lite-s plus a stride-4 level for small objects, about 1.2M parameters")(
     _builder((16, 24, 48, 96, 128), 1, p2=True))

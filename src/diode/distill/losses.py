@@ -4,8 +4,13 @@
   (the paper's KD); needs identical head layouts.
 - ``output-weighted``: the same MSE weighted per location by the teacher's objectness (plus a
   small floor), so the many background locations do not dominate.
+- ``soft``: dense soft targets in the detector's own output space (``Detector.soft_distill``:
+  for yolo-lite, the teacher's sigmoid probabilities as targets of the student's logits, box and
+  class channels weighted by the teacher's objectness); same head layout only. The most
+  informative signal per image: it learns several times faster than ``output`` or pseudo-labels.
 - ``pseudo-label``: the teacher's detections after NMS (score above a threshold) become targets
   for the student's own detection loss; works across architectures.
+- ``auto`` (the CLI default): ``soft`` when the pair supports it, else ``pseudo-label``.
 The teacher runs without autograd on exactly the augmented batch the student sees.
 """
 
@@ -19,7 +24,8 @@ from diode.detectors.base import Detector
 from diode.errors import DiodeError
 from diode.types import Target
 
-METHODS = ("output", "output-weighted", "pseudo-label")
+METHODS = ("output", "output-weighted", "soft", "pseudo-label")
+RAW_METHODS = ("output", "output-weighted", "soft")  # need matching raw head outputs
 
 
 @dataclass
@@ -48,22 +54,46 @@ def parse_methods(text: str) -> dict[str, float]:
     return methods
 
 
+def _raw_problem(teacher: Detector, student: Detector, image_size, soft: bool) -> str | None:
+    """Why raw-output distillation (``soft`` too when asked) cannot work for the pair, or None."""
+    probe = torch.zeros(1, 3, *image_size, device=next(student.parameters()).device)
+    with torch.no_grad():
+        try:
+            t_raw = teacher.raw_outputs(probe.to(next(teacher.parameters()).device))
+            s_raw = student.raw_outputs(probe)
+        except NotImplementedError as exc:
+            return f"it needs raw head outputs: {exc}"
+        t_shapes, s_shapes = [tuple(o.shape) for o in t_raw], [tuple(o.shape) for o in s_raw]
+        if t_shapes != s_shapes:
+            return (f"it needs identical head layouts, teacher {t_shapes} vs student {s_shapes}; "
+                    "use pseudo-label for different architectures")
+        if soft:
+            try:
+                teacher.soft_distill([o.to(t_raw[0].device) for o in s_raw], t_raw)
+            except NotImplementedError as exc:
+                return str(exc)
+    return None
+
+
+def resolve_methods(text: str, teacher: Detector, student: Detector, image_size) -> dict[str, float]:
+    """--method text -> {method: weight}; ``auto`` is ``soft`` where the pair supports it, else
+    ``pseudo-label``."""
+    if text.strip() == "auto":
+        return {"soft": 1.0} if _raw_problem(teacher, student, image_size, soft=True) is None \
+            else {"pseudo-label": 1.0}
+    return parse_methods(text)
+
+
 def check_compatible(teacher: Detector, student: Detector, cfg: DistillConfig, image_size) -> None:
     """Fail early, naming the problem, when the pair cannot be distilled with `cfg`."""
     if teacher.class_names != student.class_names:
         raise DiodeError(f"teacher and student classes differ ({len(teacher.class_names)} vs "
                          f"{len(student.class_names)}): the student must be built for the teacher's classes")
-    if any(m.startswith("output") for m in cfg.methods):
-        probe = torch.zeros(1, 3, *image_size, device=next(student.parameters()).device)
-        with torch.no_grad():
-            try:
-                t_shapes = [tuple(o.shape) for o in teacher.raw_outputs(probe.to(next(teacher.parameters()).device))]
-                s_shapes = [tuple(o.shape) for o in student.raw_outputs(probe)]
-            except NotImplementedError as exc:
-                raise DiodeError(f"--method output needs raw head outputs: {exc}; use pseudo-label") from None
-        if t_shapes != s_shapes:
-            raise DiodeError(f"--method output needs identical head layouts, teacher {t_shapes} vs student "
-                             f"{s_shapes}; use pseudo-label for different architectures")
+    raw = [m for m in cfg.methods if m in RAW_METHODS]
+    if raw:
+        problem = _raw_problem(teacher, student, image_size, soft="soft" in raw)
+        if problem:
+            raise DiodeError(f"--method {raw[0]}: {problem}")
 
 
 class DistillObjective:
@@ -79,7 +109,7 @@ class DistillObjective:
         cfg = self.cfg
         terms: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            need_raw = any(m.startswith("output") for m in cfg.methods)
+            need_raw = any(m in RAW_METHODS for m in cfg.methods)
             t_raw = self.teacher.raw_outputs(images) if need_raw else None
             pseudo = (self.teacher.predict(images, score_thresh=cfg.pseudo_score_thresh)
                       if "pseudo-label" in cfg.methods else None)
@@ -93,6 +123,10 @@ class DistillObjective:
                 terms["output-weighted"] = sum(
                     (((s.float() - t.float()) ** 2).mean(-1) * w).sum() / w.sum()
                     for s, t, w in zip(s_raw, t_raw, weights)) / len(s_raw)
+            if "soft" in cfg.methods:
+                soft_terms = self.teacher.soft_distill(s_raw, t_raw)
+                terms["soft"] = sum(soft_terms.values())
+                terms.update({k: v.detach() for k, v in soft_terms.items()})
         if pseudo is not None:
             targets = [{"boxes": p["boxes"].detach(), "labels": p["labels"].detach()} for p in pseudo]
             student_terms = student.loss(images, targets)

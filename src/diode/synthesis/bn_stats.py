@@ -34,6 +34,20 @@ def select_bn_layers(layers: list[tuple[str, nn.Module]], selection: str | int |
     return chosen
 
 
+def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance over (B, H, W) of x [B, C, H, W], in fp32.
+
+    From the sums of x and x^2 (var = E[x^2] - E[x]^2, clamped at 0): two plain reductions whose
+    backward is elementwise, several times faster than ``torch.var_mean`` forward + backward on
+    the CPU. BN inputs are O(1) activations, so the cancellation in fp32 is negligible.
+    """
+    x = x.float()  # statistics in fp32 even under bf16 autocast
+    n = x.numel() // x.shape[1]
+    mean = x.sum((0, 2, 3)) / n
+    var = ((x * x).sum((0, 2, 3)) / n - mean * mean).clamp(min=0)
+    return mean, var
+
+
 class BNStatsRecorder:
     """Forward pre-hooks recording (mean, biased var) over (B, H, W) of each selected BN input."""
 
@@ -47,9 +61,7 @@ class BNStatsRecorder:
     def _make_hook(self, index: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             if self._active:
-                x = inputs[0].float()  # statistics in fp32 even under bf16 autocast
-                var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
-                self.stats[index] = (mean, var)
+                self.stats[index] = channel_mean_var(inputs[0])
         return hook
 
     def running(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

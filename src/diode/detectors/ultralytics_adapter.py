@@ -2,7 +2,7 @@
 
 ultralytics is AGPL-3.0 licensed and not a dependency of diode: this module imports it only when
 it is installed (version 8.4 or later, whose heads return dicts of named outputs) and registers
-its architectures only then (``ul-yolov8n``, ``ul-yolo11n``, ``ul-yolov5nu``, ``ul-yolov3u``,
+its architectures only then (``ul-yolov8n``, ``ul-yolov8s``, ``ul-yolo11n``, ``ul-yolov5nu``, ``ul-yolov3u``,
 ``ul-yolov3-tinyu``), built from the model YAMLs ultralytics ships, with random weights and no
 download. ``wrap_checkpoint`` wraps a trained ultralytics ``.pt`` (unpickled by the caller).
 
@@ -48,6 +48,7 @@ from diode.types import ImageSize, Prediction, Target
 # its "ul-" prefix is ultralytics' own model name (its checkpoints record it as `yaml_file`).
 ARCHITECTURES = {
     "ul-yolov8n": ("v8/yolov8.yaml", "n", "ultralytics YOLOv8n (optional extra, AGPL-3.0), about 3.0M parameters"),
+    "ul-yolov8s": ("v8/yolov8.yaml", "s", "ultralytics YOLOv8s (optional extra, AGPL-3.0), about 11M parameters"),
     "ul-yolo11n": ("11/yolo11.yaml", "n", "ultralytics YOLO11n (optional extra, AGPL-3.0), about 2.6M parameters"),
     "ul-yolov5nu": ("v5/yolov5.yaml", "n",
                     "ultralytics YOLOv5nu, anchor-free head (optional extra, AGPL-3.0), about 2.5M parameters"),

@@ -61,6 +61,9 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+SYNC_EVERY = 25  # steps between host syncs (finiteness check, progress-bar losses)
+GPU_RESIDENT_BYTES = 4 << 30  # uint8 training sets up to this size are moved to the GPU once
+
 Objective = Callable[[Detector, torch.Tensor, list[Target]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
@@ -108,6 +111,8 @@ def train_detector(model: Detector, train_images: torch.Tensor, train_targets: l
         if start_epoch >= cfg.epochs:
             return result
 
+    if device.type == "cuda" and train_images.numel() <= GPU_RESIDENT_BYTES:
+        train_images = train_images.to(device)  # uint8 on the GPU once: no per-step host copies
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     if world > 1:
         _broadcast_state(model)
@@ -129,9 +134,13 @@ def train_detector(model: Detector, train_images: torch.Tensor, train_targets: l
             images = train_images[idx].to(device).float() / 255
             images, targets = augment_batch(images, [train_targets[i] for i in idx.tolist()], cfg.augment, aug_gen)
             total, terms = objective(model, images, targets)
-            if not torch.isfinite(total):
-                raise DiodeError(f"training diverged at epoch {epoch + 1} step {step_in_epoch}: "
-                                 f"loss is {total.item()} ({ {k: v.item() for k, v in terms.items()} })")
+            if (step_in_epoch + 1) % SYNC_EVERY == 0 or step_in_epoch + 1 == steps_per_epoch:
+                # One host sync every few steps (not every step): a NaN/Inf loss is caught within
+                # SYNC_EVERY steps, before the epoch's checkpoint could be written.
+                if not torch.isfinite(total):
+                    raise DiodeError(f"training diverged at epoch {epoch + 1} step {step_in_epoch}: "
+                                     f"loss is {total.item()} ({ {k: v.item() for k, v in terms.items()} })")
+                bar.set_postfix({k: f"{float(v) / (step_in_epoch + 1):.3f}" for k, v in sums.items()})
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             if world > 1:
@@ -140,9 +149,12 @@ def train_detector(model: Detector, train_images: torch.Tensor, train_targets: l
             optimizer.step()
             ema.update(model)
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            bar.set_postfix({k: f"{v / (step_in_epoch + 1):.3f}" for k, v in sums.items()})
+                sums[k] = sums.get(k, 0.0) + v.detach().float()  # stays on the device
         bar.close()
+        if not all(torch.isfinite(torch.as_tensor(v)) for v in sums.values()):
+            raise DiodeError(f"training diverged in epoch {epoch + 1}: a loss term is not finite "
+                             f"({ {k: float(v) for k, v in sums.items()} })")
+        sums = {k: float(v) for k, v in sums.items()}
         if world > 1:
             _broadcast_state(model)  # rank 0's BN statistics for everyone (as DDP does)
             _broadcast_state(ema.model)

@@ -88,6 +88,7 @@ def main() -> None:
         "kd_images_per_s": round(n / k, 1), "supervised_images_per_s": round(n / s, 1),
         "teacher": args.teacher, "student": args.student, "methods": methods, "batch_size": args.batch_size,
         "image_size": list(size), "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }))
 
 

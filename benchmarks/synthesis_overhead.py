@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20, help="timed iterations per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--channels-last", action="store_true", help="teacher and images in channels_last")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -45,6 +46,8 @@ def main() -> None:
         teacher = build_detector(args.teacher, class_names=[f"c{i}" for i in range(80)],
                                  image_size=tuple(args.image_size or (320, 320))).to(device).eval()
     image_size = tuple(args.image_size or teacher.image_size)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    teacher = teacher.to(memory_format=memory_format)
     # One full-resolution stage with the recipe's losses and augmentation: the per-iteration work.
     raw = load_recipe(args.recipe)
     stage = dict(raw["stages"][-1], iterations=args.iterations, scale=1.0, pixel_scale=1.0)
@@ -53,7 +56,7 @@ def main() -> None:
     synth = Synthesizer(teacher, cfg)
     gen = torch.Generator().manual_seed(0)
     targets = sample_one_box(args.batch_size, image_size, teacher.num_classes, gen)
-    images = torch.rand(args.batch_size, 3, *image_size, device=device)
+    images = torch.rand(args.batch_size, 3, *image_size, device=device).contiguous(memory_format=memory_format)
 
     def bare() -> float:
         x = images.clone().requires_grad_(True)
@@ -91,7 +94,8 @@ def main() -> None:
         "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
         "batch_size": args.batch_size, "image_size": list(image_size), "recipe": args.recipe,
         "precision": args.precision, "device": str(device), "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "channels_last": args.channels_last, "threads": torch.get_num_threads(),
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }))
 
 

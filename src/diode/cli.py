@@ -1,13 +1,16 @@
 """Command-line interface: parse, build through factories, call the library, set the exit code.
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming the problem, no traceback unless
-``--debug``), 1 unexpected runtime failure, 130 interrupted.
+``--debug``; this includes an output path that is not writable or on a read-only file system),
+1 runtime failure (e.g. a full disk, also one line naming the file; or an unexpected error),
+130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import json
 import shlex
 import sys
@@ -18,6 +21,12 @@ import torch
 
 from diode import __version__
 from diode.errors import DiodeError
+
+
+# A path the user gave that cannot be used (as the output-folder lock reports them): bad input,
+# exit 2. Other OSErrors (full disk, I/O error) are runtime failures, exit 1.
+_UNUSABLE_PATH = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
+                  errno.EEXIST, errno.ENAMETOOLONG}
 
 
 def _image_size(values: list[int] | None) -> tuple[int, int] | None:
@@ -127,10 +136,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     rank, _, device = _distributed(args.device)
     torch.manual_seed(cfg.seed)
     model = build_detector(args.arch, class_names=train_set.class_names, image_size=image_size).to(device)
+    from diode.detectors.backbones import imagenet_backbone, load_backbone_weights
+
+    if args.backbone_weights:
+        if args.init:
+            raise DiodeError("--backbone-weights and --init both set the starting weights; pass one of them")
+        load_backbone_weights(model, args.backbone_weights)
+    elif imagenet_backbone(model) is not None and not (args.init or args.resume):
+        # Never picked up implicitly (e.g. from an installed weights package): the user names the file.
+        print(f"note: {args.arch} starts from a random backbone whose BN statistics stay frozen; pass "
+              f"--backbone-weights PATH for ImageNet weights (docs/mobilenet-teacher.md)", file=sys.stderr)
     if args.init:
         from diode.detectors.checkpoint import load_detector
 
-        init, _ = load_detector(args.init)
+        init, _ = load_detector(args.init, trust_checkpoint=args.trust_checkpoint)
         if init.arch != args.arch or init.class_names != model.class_names:
             raise DiodeError(f"--init {args.init}: a {init.arch} for classes {init.class_names} cannot initialise "
                              f"a {args.arch} for classes {model.class_names}")
@@ -194,7 +213,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from diode.report.grids import save_grid
 
+    if args.num_images < 1:
+        raise DiodeError(f"--num-images must be >= 1, got {args.num_images}")
     device, model, dataset = _model_and_dataset(args)
+    if len(dataset) == 0:
+        raise DiodeError(f"{args.data}: dataset has no images")
     count = min(args.num_images, len(dataset))
     images = torch.stack([dataset.load(i, model.image_size)[0] for i in range(count)])
     with torch.inference_mode():
@@ -285,17 +308,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from diode.data import open_dataset
     from diode.detectors.checkpoint import load_detector
     from diode.detectors.registry import build_detector, list_detectors
-    from diode.distill.losses import DistillConfig, DistillObjective, check_compatible, parse_methods
+    from diode.distill.losses import DistillConfig, DistillObjective, check_compatible, resolve_methods
     from diode.distill.sources import load_transfer_set
     from diode.io import atomic_write_yaml
     from diode.training.trainer import train_detector
     from diode.types import empty_target
 
     out, cfg = _training_run(args)
-    try:
-        kd = DistillConfig(methods=parse_methods(args.method), pseudo_score_thresh=args.pseudo_score_thresh)
-    except ValueError as exc:
-        raise DiodeError(str(exc)) from None
     rank, _, device = _distributed(args.device)
     teacher, _ = load_detector(args.teacher, device=device, trust_checkpoint=args.trust_checkpoint)
     image_size = teacher.image_size
@@ -307,6 +326,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
         if tuple(student.image_size) != tuple(image_size):
             raise DiodeError(f"--student {args.student}: image size {student.image_size} differs from the "
                              f"teacher's {image_size}")
+    try:
+        kd = DistillConfig(methods=resolve_methods(args.method, teacher, student, image_size),
+                           pseudo_score_thresh=args.pseudo_score_thresh)
+    except ValueError as exc:
+        raise DiodeError(str(exc)) from None
     check_compatible(teacher, student, kd, image_size)
     val_images, val_targets = torch.empty((0, 3, *image_size), dtype=torch.uint8), []
     if args.val:
@@ -316,7 +340,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         val_targets = _remap(val_targets, mapping)
     images = load_transfer_set(args.data, image_size, num_images=args.num_images, seed=cfg.seed)
     print(f"distilling {args.teacher} -> {args.student} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M "
-          f"parameters) on {len(images)} transfer images from {args.data}, method {args.method}, {device}", flush=True)
+          f"parameters) on {len(images)} transfer images from {args.data}, method {args.method} "
+          f"({', '.join(f'{k}={v:g}' for k, v in kd.methods.items())}), {device}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         atomic_write_yaml(out / "config.yaml", {"command": args.command, "teacher": str(args.teacher),
@@ -446,7 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     train.add_argument("--init", help="start from this checkpoint's weights (fine-tuning) instead of random init")
+    train.add_argument("--backbone-weights", metavar="PATH",
+                       help="local ImageNet state dict for the backbone, read weights-only (tv-fcos-mobilenetv2: "
+                            "torchvision's mobilenet_v2 weights; see docs/mobilenet-teacher.md)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _add_trust_flag(train)
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="COCO mAP of a detector on a labelled dataset")
@@ -494,8 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     kd.add_argument("--out", required=True, help="run folder")
     kd.add_argument("--val", help="real labelled validation set for per-epoch mAP")
     kd.add_argument("--epochs", type=int, default=30)
-    kd.add_argument("--method", default="pseudo-label",
-                    help="output, output-weighted, pseudo-label, or weighted combinations like 'pseudo-label=1,output-weighted=0.5'")
+    kd.add_argument("--method", default="auto",
+                    help="auto (soft where the pair supports it, else pseudo-label), soft, output, output-weighted, "
+                         "pseudo-label, or weighted combinations like 'pseudo-label=1,soft=0.5'")
     kd.add_argument("--pseudo-score-thresh", type=float, default=0.3, help="teacher score for pseudo-labels")
     kd.add_argument("--num-images", type=int, help="use at most this many transfer images (noise: draw this many)")
     kd.add_argument("--batch-size", type=int, default=32)
@@ -552,6 +582,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diode: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # The system refused a file operation: atomic writes left every earlier file intact.
+        if args.debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        name = f" ({errno.errorcode[exc.errno]})" if exc.errno in errno.errorcode else ""
+        print(f"diode: error: {where}{exc.strerror or exc}{name}", file=sys.stderr)
+        return 2 if exc.errno in _UNUSABLE_PATH else 1
     except Exception as exc:  # noqa: BLE001 - last resort: one line unless --debug
         if args.debug:
             traceback.print_exc()

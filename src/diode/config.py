@@ -6,6 +6,10 @@ Runs write their resolved settings to `config.yaml` in their output folder.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 
 
@@ -169,6 +173,15 @@ class BNConfig:
     mean_weight: float = 1.0  # weight of the mean term inside each layer
     var_weight: float = 1.0  # weight of the variance term inside each layer
 
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, int) and self.layers < 1:
+            raise ValueError(f"bn.layers: a count must be >= 1, got {self.layers}")
+        if self.p <= 0:
+            raise ValueError(f"bn.p must be > 0, got {self.p}")
+        for key in ("mean_weight", "var_weight"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"bn.{key} must be >= 0, got {getattr(self, key)}")
+
 
 @dataclass
 class SynthesisConfig:
@@ -215,3 +228,83 @@ class SynthesisConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_INT_LIMIT = 2 ** 63  # larger integers overflow torch and float arithmetic
+
+
+def _brief(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _type_name(hint: object) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    if hint in names:
+        return names[hint]
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return f"a list of {len(typing.get_args(hint))} values"
+    if origin is list:
+        return "a list"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    return "a mapping"
+
+
+def _check_value(hint: object, value: object, key: str) -> None:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, hint):
+            check_fields(hint, value, key)
+        return
+    if origin in (typing.Union, types.UnionType):
+        for member in args:
+            try:
+                _check_value(member, value, key)
+                return
+            except ValueError:
+                continue
+        raise ValueError(f"{key} must be {_type_name(hint)}, got {_brief(value)}")
+    if origin is list and isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_value(args[0], item, f"{key}[{i}]")
+        return
+    if origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
+        for i, (member, item) in enumerate(zip(args, value)):
+            _check_value(member, item, f"{key}[{i}]")
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int and number and isinstance(value, int):
+        if abs(value) >= _INT_LIMIT:
+            raise ValueError(f"{key} is out of range, got {_brief(value)}")
+        return
+    if hint is float and number:
+        if isinstance(value, int) and abs(value) >= _INT_LIMIT or not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {_brief(value)}")
+        return
+    if hint in (bool, str, type(None)) and type(value) is hint:
+        return
+    raise ValueError(f"{key} must be {_type_name(hint)}, got {_brief(value)}")
+
+
+def check_fields(cls: type, raw: object, where: str = "") -> None:
+    """Raise ValueError naming the key where `raw` (parsed YAML) does not fit dataclass `cls`.
+
+    Checks key names and value types recursively (nested settings, lists, pairs, alternatives),
+    so the constructors' range checks only ever see values of the declared types. A field whose
+    default is None also accepts None.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where or 'settings'} must be a mapping, got {_brief(raw)}")
+    from diode.synthesis.fp_aggregation import FPConfig  # lazily, as SynthesisConfig does
+
+    hints = typing.get_type_hints(cls, localns={"FPConfig": FPConfig})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in raw.items():
+        key = f"{where}.{name}" if where else str(name)
+        if name not in fields:
+            raise ValueError(f"unknown key {key!r}; valid keys{' of ' + where if where else ''}: {', '.join(fields)}")
+        if value is None and fields[name].default is None:
+            continue
+        _check_value(hints[name], value, key)

@@ -1,6 +1,6 @@
 """torchvision detection models behind the detector protocol (STYLE.md).
 
-Registered names and the torchvision builders they wrap (always ``weights=None,
+Registered names and the torchvision builders they wrap (``FAMILIES``; always ``weights=None,
 weights_backbone=None``: nothing is downloaded, every model starts from torchvision's own
 initialisation, and with no pretrained weights torchvision keeps ``nn.BatchNorm2d`` everywhere
 instead of swapping in ``FrozenBatchNorm2d``, so the BN-statistics prior applies to them):
@@ -11,6 +11,14 @@ instead of swapping in ``FrozenBatchNorm2d``, so the BN-statistics prior applies
 - ``tv-fcos``: ``fcos_resnet50_fpn`` (no background index)
 - ``tv-ssd``: ``ssd300_vgg16`` (background index; VGG-16 has no BN layers at all)
 - ``tv-ssdlite``: ``ssdlite320_mobilenet_v3_large`` (background index)
+
+and our own composition of torchvision parts (``IMAGENET_BACKBONE_FAMILIES``), random init too,
+whose backbone can load ImageNet weights from a local file
+(:func:`diode.detectors.backbones.load_backbone_weights`, the CLI's ``--backbone-weights``):
+
+- ``tv-fcos-mobilenetv2``: FCOS on MobileNetV2 + FPN, strides 8/16/32, for 128-px inputs (no
+  background index); its MobileNetV2 BN layers keep their running statistics even in train mode
+  (see :mod:`diode.detectors.backbones` for the design and why)
 
 Label mapping. Our labels are 0-based indices into ``class_names``. Faster R-CNN and SSD score
 a softmax over classes in which torchvision reserves index 0 for background: they get
@@ -33,7 +41,8 @@ Losses. torchvision returns losses only in training mode. :meth:`TorchvisionDete
 switches every non-BN module to training mode for the call and restores the previous modes
 afterwards; BN layers keep whatever mode the caller set: inside ``loss_mode()`` (or on a detector
 in eval mode) they use and keep their running statistics, while a detector in plain ``train()``
-mode updates them, as when it is trained. Terms are renamed to short keys: ``cls``, ``box``
+mode updates them, as when it is trained (all but the frozen MobileNetV2 ones of
+``tv-fcos-mobilenetv2``). Terms are renamed to short keys: ``cls``, ``box``
 (second stage / single stage), ``rpn_obj``, ``rpn_box`` (Faster R-CNN's RPN), ``ctr`` (FCOS
 centerness). ``loss_weights`` is 1.0 for each, as torchvision trains them.
 
@@ -56,6 +65,7 @@ image.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -64,6 +74,7 @@ from torch import nn
 from torchvision.models import detection as tvd
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from diode.detectors.backbones import fcos_mobilenet_v2
 from diode.detectors.base import Detector
 from diode.detectors.registry import register
 from diode.types import ImageSize, Prediction, Target
@@ -73,7 +84,7 @@ SSD300_CANVAS = (300, 300)  # (H, W) SSD300 always works at
 
 @dataclass(frozen=True)
 class _Family:
-    builder: Callable[..., nn.Module]
+    builder: Callable[..., nn.Module]  # (num_classes=, and min_size=/max_size= unless "ssd") -> model
     background: bool  # torchvision's num_classes counts a background class at index 0
     loss_names: dict[str, str]  # torchvision loss key -> our short key
     kind: str  # "rcnn" (transform via min/max_size, thresholds on roi_heads), "dense", "ssd"
@@ -85,25 +96,38 @@ _RCNN_LOSSES = {"loss_classifier": "cls", "loss_box_reg": "box",
 _DENSE_LOSSES = {"classification": "cls", "bbox_regression": "box"}
 _FCOS_LOSSES = {"classification": "cls", "bbox_regression": "box", "bbox_ctrness": "ctr"}
 
+
+def _untrained(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """A torchvision builder that downloads nothing: no detector, no backbone weights."""
+    return functools.partial(builder, weights=None, weights_backbone=None)
+
+
 FAMILIES: dict[str, _Family] = {
     "tv-fasterrcnn-mobilenet": _Family(
-        tvd.fasterrcnn_mobilenet_v3_large_fpn, True, _RCNN_LOSSES, "rcnn",
+        _untrained(tvd.fasterrcnn_mobilenet_v3_large_fpn), True, _RCNN_LOSSES, "rcnn",
         "torchvision Faster R-CNN, MobileNetV3-Large FPN backbone (random init)"),
     "tv-fasterrcnn-resnet50": _Family(
-        tvd.fasterrcnn_resnet50_fpn, True, _RCNN_LOSSES, "rcnn",
+        _untrained(tvd.fasterrcnn_resnet50_fpn), True, _RCNN_LOSSES, "rcnn",
         "torchvision Faster R-CNN, ResNet-50 FPN backbone (random init)"),
     "tv-retinanet": _Family(
-        tvd.retinanet_resnet50_fpn, False, _DENSE_LOSSES, "dense",
+        _untrained(tvd.retinanet_resnet50_fpn), False, _DENSE_LOSSES, "dense",
         "torchvision RetinaNet, ResNet-50 FPN backbone (random init)"),
     "tv-fcos": _Family(
-        tvd.fcos_resnet50_fpn, False, _FCOS_LOSSES, "dense",
+        _untrained(tvd.fcos_resnet50_fpn), False, _FCOS_LOSSES, "dense",
         "torchvision FCOS, ResNet-50 FPN backbone (random init)"),
     "tv-ssd": _Family(
-        tvd.ssd300_vgg16, True, _DENSE_LOSSES, "ssd",
+        _untrained(tvd.ssd300_vgg16), True, _DENSE_LOSSES, "ssd",
         "torchvision SSD300, VGG-16 backbone without BN, fixed 300x300 canvas (random init)"),
     "tv-ssdlite": _Family(
-        tvd.ssdlite320_mobilenet_v3_large, True, _DENSE_LOSSES, "ssd",
+        _untrained(tvd.ssdlite320_mobilenet_v3_large), True, _DENSE_LOSSES, "ssd",
         "torchvision SSDlite, MobileNetV3-Large backbone (random init)"),
+}
+
+IMAGENET_BACKBONE_FAMILIES: dict[str, _Family] = {
+    "tv-fcos-mobilenetv2": _Family(
+        fcos_mobilenet_v2, False, _FCOS_LOSSES, "dense",
+        "torchvision FCOS, MobileNetV2 FPN at strides 8/16/32 (random init; --backbone-weights: "
+        "ImageNet, BN statistics frozen)"),
 }
 
 
@@ -112,18 +136,18 @@ class TorchvisionDetector(Detector):
 
     def __init__(self, class_names: list[str], image_size: ImageSize, family: str) -> None:
         super().__init__(class_names, image_size)
-        if family not in FAMILIES:
+        spec = FAMILIES.get(family) or IMAGENET_BACKBONE_FAMILIES.get(family)
+        if spec is None:
             raise ValueError(f"unknown torchvision family {family!r}")
         height, width = self.image_size
         if height < 1 or width < 1:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
-        spec = FAMILIES[family]
         self.family = family
         self.label_offset = 1 if spec.background else 0
         self._loss_names = dict(spec.loss_names)
         num_classes = self.num_classes + self.label_offset
         if spec.kind == "ssd":
-            model = spec.builder(weights=None, weights_backbone=None, num_classes=num_classes)
+            model = spec.builder(num_classes=num_classes)
             # SSD's builders hard-code their canvas; replace the transform, keeping its mean/std.
             canvas = SSD300_CANVAS if family == "tv-ssd" else self.image_size
             old = model.transform
@@ -131,8 +155,7 @@ class TorchvisionDetector(Detector):
                 min(canvas), max(canvas), old.image_mean, old.image_std, size_divisible=1,
                 fixed_size=(canvas[1], canvas[0]))  # torchvision's fixed_size is (W, H)
         else:
-            model = spec.builder(weights=None, weights_backbone=None, num_classes=num_classes,
-                                 min_size=min(height, width), max_size=max(height, width))
+            model = spec.builder(num_classes=num_classes, min_size=min(height, width), max_size=max(height, width))
         self.model = model
         self._thresholds = model.roi_heads if spec.kind == "rcnn" else model
         self.score_thresh = float(self._thresholds.score_thresh)
@@ -253,5 +276,5 @@ def _builder(family: str) -> Callable[..., TorchvisionDetector]:
     return build
 
 
-for _name, _spec in FAMILIES.items():
+for _name, _spec in {**FAMILIES, **IMAGENET_BACKBONE_FAMILIES}.items():
     register(_name, _spec.description)(_builder(_name))

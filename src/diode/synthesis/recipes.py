@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from diode.config import SynthesisConfig
+from diode.config import SynthesisConfig, check_fields
 from diode.errors import DiodeError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -27,6 +28,9 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
             raise DiodeError(f"--recipe {name_or_path!r}: no such recipe or file (recipes: {', '.join(list_recipes())})")
     try:
         raw = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        at = f" at line {exc.problem_mark.line + 1} column {exc.problem_mark.column + 1}" if exc.problem_mark else ""
+        raise DiodeError(f"{path}: invalid YAML{at}: {exc.problem or exc.context}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise DiodeError(f"{path}: invalid YAML ({str(exc).splitlines()[0][:120]})") from None
     if not isinstance(raw, dict):
@@ -38,31 +42,33 @@ def build_config(raw: dict[str, Any], *, batch_size: int | None = None, iteratio
                  precision: str | None = None, source: str = "recipe") -> SynthesisConfig:
     """A validated SynthesisConfig from a recipe dict and command-line overrides.
 
-    `iterations` rescales every stage (and the FP schedule) so the stages sum to that total,
-    keeping their proportions.
+    `iterations` rescales every stage (and the FP schedule keys the recipe sets) so the stages sum
+    to that total, keeping their proportions. Any problem raises `DiodeError` naming the key.
     """
+    if not isinstance(raw, dict):
+        raise DiodeError(f"{source}: a recipe must be a mapping, got {type(raw).__name__}")
     raw = copy.deepcopy(raw)
     if batch_size is not None:
         raw["batch_size"] = batch_size
     if precision is not None:
         raw["precision"] = precision
-    if iterations is not None:
-        if iterations < 1:
-            raise DiodeError(f"--iterations must be >= 1, got {iterations}")
-        stages = raw.get("stages") or [{}]
-        total = sum(int(s.get("iterations", 2000)) for s in stages) or 1
-        factor = iterations / total
-        for s in stages:
-            s["iterations"] = max(1, round(int(s.get("iterations", 2000)) * factor))
-        raw["stages"] = stages
-        fp = raw.get("fp")
-        if isinstance(fp, dict):
-            for key in ("start", "every", "stop"):
-                if fp.get(key) is not None:
-                    fp[key] = max(1 if key == "every" else 0, round(fp[key] * factor))
+    if iterations is not None and iterations < 1:
+        raise DiodeError(f"--iterations must be >= 1, got {iterations}")
     try:
-        return SynthesisConfig(**raw)
-    except TypeError as exc:
-        raise DiodeError(f"{source}: {exc}".replace("__init__() ", "")) from None
+        check_fields(SynthesisConfig, raw)
+        cfg = SynthesisConfig(**raw)
+        if iterations is not None:
+            cfg = _rescaled(cfg, iterations, raw.get("fp"))
     except ValueError as exc:
         raise DiodeError(f"{source}: {exc}") from None
+    return cfg
+
+
+def _rescaled(cfg: SynthesisConfig, iterations: int, raw_fp: object) -> SynthesisConfig:
+    """`cfg` with stage iterations summing to `iterations` (and the FP keys `raw_fp` sets scaled alike)."""
+    factor = iterations / (sum(s.iterations for s in cfg.stages) or 1)
+    stages = [replace(s, iterations=max(1, round(s.iterations * factor))) for s in cfg.stages]
+    given = raw_fp if isinstance(raw_fp, dict) else {}
+    fp = replace(cfg.fp, **{key: max(1 if key == "every" else 0, round(getattr(cfg.fp, key) * factor))
+                            for key in ("start", "every", "stop") if given.get(key) is not None})
+    return replace(cfg, stages=stages, fp=fp)

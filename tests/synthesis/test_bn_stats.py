@@ -192,3 +192,13 @@ def test_yolo_lite_every_bn_found_and_glob() -> None:
     mu, var = manual_stats(teacher.stem[0](x))  # the first BN's input is the stem conv output
     assert torch.allclose(stats[0][0], mu, atol=1e-5) and torch.allclose(stats[0][1], var, atol=1e-5)
     recorder.remove()
+
+
+def test_channel_mean_var_matches_var_mean_with_its_written_out_gradient() -> None:
+    from diode.synthesis.bn_stats import channel_mean_var
+
+    x = (torch.randn(3, 4, 5, 6, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+    mean, var = channel_mean_var(x)
+    ref_var, ref_mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    assert torch.allclose(mean, ref_mean) and torch.allclose(var, ref_var)
+    assert torch.autograd.gradcheck(channel_mean_var, (x,))

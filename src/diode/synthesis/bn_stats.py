@@ -34,18 +34,36 @@ def select_bn_layers(layers: list[tuple[str, nn.Module]], selection: str | int |
     return chosen
 
 
-def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance over (B, H, W) of x [B, C, H, W], in fp32.
+class _ChannelMeanVar(torch.autograd.Function):
+    """Per-channel (mean, biased var) over (B, H, W) from the sums of x and x^2, with the gradient
+    written out: d/dx = (g_mean - 2 g_var mean) / n + (2 g_var / n) x, one fused pass. Several
+    times faster on the CPU than ``torch.var_mean`` forward + backward; same values (BN inputs
+    are O(1) activations, so the cancellation in E[x^2] - E[x]^2 is negligible in fp32)."""
 
-    From the sums of x and x^2 (var = E[x^2] - E[x]^2, clamped at 0): two plain reductions whose
-    backward is elementwise, several times faster than ``torch.var_mean`` forward + backward on
-    the CPU. BN inputs are O(1) activations, so the cancellation in fp32 is negligible.
-    """
-    x = x.float()  # statistics in fp32 even under bf16 autocast
-    n = x.numel() // x.shape[1]
-    mean = x.sum((0, 2, 3)) / n
-    var = ((x * x).sum((0, 2, 3)) / n - mean * mean).clamp(min=0)
-    return mean, var
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        n = x.numel() // x.shape[1]
+        flat = x.flatten(2)
+        mean = flat.sum(2).sum(0) / n
+        var = ((flat * flat).sum(2).sum(0) / n - mean * mean).clamp(min=0)
+        ctx.save_for_backward(x, mean)
+        ctx.n = n
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, g_mean: torch.Tensor, g_var: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x, mean = ctx.saved_tensors
+        g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
+        g_var = torch.zeros_like(mean) if g_var is None else g_var
+        shift = ((g_mean - 2 * g_var * mean) / ctx.n).view(1, -1, 1, 1)
+        scale = (2 * g_var / ctx.n).view(1, -1, 1, 1)
+        return torch.addcmul(shift, scale, x)
+
+
+def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance over (B, H, W) of x [B, C, H, W], in fp32 (also under
+    bf16 autocast), differentiable with respect to x."""
+    return _ChannelMeanVar.apply(x if x.dtype in (torch.float32, torch.float64) else x.float())
 
 
 class BNStatsRecorder:

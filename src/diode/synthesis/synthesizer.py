@@ -28,7 +28,7 @@ from diode.detectors.base import Detector
 from diode.synthesis.augment import augment_synthesis
 from diode.synthesis.bn_stats import BNStatsRecorder, select_bn_layers
 from diode.synthesis.fp_aggregation import aggregate_false_positives
-from diode.synthesis.priors import bn_loss, image_l2, total_variation
+from diode.synthesis.priors import bn_loss, image_l2, tv_l1, tv_l2
 from diode.synthesis.tiling import tile_images
 from diode.types import ImageSize, Target
 
@@ -88,7 +88,10 @@ class Synthesizer:
         return contextlib.nullcontext()
 
     def _losses(self, images: torch.Tensor, targets: list[Target], weights: LossWeights,
-                running: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                running: list[tuple[torch.Tensor, torch.Tensor]],
+                log: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(weighted total, unweighted terms). Image priors with weight 0 cost nothing: they are
+        computed, without gradient, only when `log` asks for every term's value."""
         terms: dict[str, torch.Tensor] = {}
         with self._autocast(), self.recorder.recording(), self.teacher.loss_mode():
             task_terms = self.teacher.loss(images, targets)
@@ -97,9 +100,13 @@ class Synthesizer:
         bn = self.cfg.bn
         terms["bn"] = bn_loss(recorded, running, bn.p, bn.mean_weight, bn.var_weight)
         terms["bn_first"] = bn_loss(recorded[:1], running[:1], bn.p, bn.mean_weight, bn.var_weight)
-        terms["tv_l1"], terms["tv_l2"] = total_variation(images)
-        terms["l2"] = image_l2(images)
-        total = sum(getattr(weights, k) * terms[k] for k in TERMS)
+        for name, fn in (("tv_l1", tv_l1), ("tv_l2", tv_l2), ("l2", image_l2)):
+            if getattr(weights, name):
+                terms[name] = fn(images)
+            elif log:
+                with torch.no_grad():
+                    terms[name] = fn(images.detach())
+        total = sum((getattr(weights, k) * terms[k] for k in TERMS if getattr(weights, k)), terms["task"] * 0.0)
         return total, terms
 
     def _run_stage(self, params: torch.Tensor, targets: list[Target], stage: StageConfig, stage_size: ImageSize,
@@ -118,13 +125,14 @@ class Synthesizer:
                 group["lr"] = _lr(stage, it, lr_scale)
             images = self._render(params, stage_size)
             aug_images, aug_targets = augment_synthesis(images, targets, self.cfg.augment, jitter, gen)
-            total, terms = self._losses(aug_images, aug_targets, stage.weights, running)
+            log = (it + 1) % self.cfg.log_every == 0 or it + 1 == stage.iterations
+            total, terms = self._losses(aug_images, aug_targets, stage.weights, running, log)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
             with torch.no_grad():
                 params.clamp_(0, 1)
-            if (it + 1) % self.cfg.log_every == 0 or it + 1 == stage.iterations:
+            if log:
                 logged.append(torch.stack([terms[k].detach().float() for k in TERMS] + [total.detach().float()]))
                 result.history.append({"iteration": global_it + 1})
             if fp.enabled and fp.due(global_it):

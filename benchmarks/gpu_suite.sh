@@ -11,8 +11,8 @@ if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import pycocotools" 2>/dev/nul
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-if [ "$SCALE" = small ]; then B=4; BIG=4; IT=2; R=1; N=8; KD=64; SIZE="64 64"; NI=4; SIT=4
-else B=64; BIG=32; IT=20; R=5; N=64; KD=4096; SIZE="320 320"; NI=64; SIT=500; fi
+if [ "$SCALE" = small ]; then B=4; BIG=4; IT=2; R=1; N=8; KD=64; SIZE="64 64"; NI=2; ISCALE=0.005
+else B=64; BIG=32; IT=20; R=3; N=64; KD=4096; SIZE="320 320"; NI=64; ISCALE=1; fi
 log() { echo "== $*" | tee -a "$OUT/suite.log"; }
 jl() { tail -n 1 | tee -a "$OUT/bench.jsonl"; }
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee -a "$OUT/suite.log"
@@ -29,12 +29,9 @@ for prec in fp32 bf16; do
 done
 log "distill throughput"
 $PY benchmarks/distill_throughput.py --images $KD --batch-size $B --rounds 3 | jl
-for prec in fp32 bf16; do
-  log "synthesize $NI images fast $prec"
-  /usr/bin/time -f "%e s" $PY -m diode synthesize --teacher shapes-teacher --verifier shapes-verifier --out "$OUT/syn-$prec" \
-      --num-images $NI --iterations $SIT --recipe fast --precision $prec --seed 0 2>&1 | grep -v "it/s\]" | tail -n 4 | tee -a "$OUT/suite.log"
-  cp "$OUT/syn-$prec/summary.json" "$OUT/synth-summary-$prec.json" 2>/dev/null
-done
-tar -czf "$OUT/grids.tgz" -C "$OUT" $(cd "$OUT" && ls -d syn-*/grids 2>/dev/null) 2>/dev/null
-rm -rf "$OUT"/syn-*
+log "recipe sweep ($NI images per variant)"
+timeout ${SWEEP_SECONDS:-270} $PY benchmarks/recipe_sweep.py --variants benchmarks/sweep_variants.yaml --num-images $NI \
+    --iteration-scale $ISCALE --out "$OUT/sweep.jsonl" --keep "$OUT/sweep" | tail -n 1
+tar -czf "$OUT/sweep-grids.tgz" -C "$OUT/sweep" $(cd "$OUT/sweep" && ls -d {fast,bn.01,bn.01-task1,paper-it4000}/grids/000000_teacher.png 2>/dev/null) 2>/dev/null
+rm -rf "$OUT/sweep"
 log done

@@ -219,13 +219,21 @@ class YoloLite(Detector):
             predictions.append({"boxes": box[keep], "scores": score[keep], "labels": label[keep]})
         return predictions
 
-    def _assign(self, targets: list[Target], level: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+    def _flatten_targets(self, targets: list[Target]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image index, boxes, labels) of every target box, on the model's device in one transfer each."""
+        device = self.anchors.device
+        counts = torch.tensor([len(t["labels"]) for t in targets])
+        img_idx = torch.repeat_interleave(torch.arange(len(targets)), counts).to(device)
+        boxes = torch.cat([t["boxes"].float().reshape(-1, 4) for t in targets]).to(device)
+        labels = torch.cat([t["labels"].reshape(-1) for t in targets]).to(device)
+        return img_idx, boxes, labels
+
+    def _assign(self, flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor], level: int, h: int,
+                w: int) -> tuple[torch.Tensor, ...]:
         """Positive (image, gy, gx, target box, label) tuples for one level, neighbours included."""
         stride = self.strides[level]
         device = self.anchors.device
-        img_idx = torch.cat([torch.full((len(t["labels"]),), i, device=device) for i, t in enumerate(targets)])
-        boxes = torch.cat([t["boxes"].to(device).float() for t in targets])
-        labels = torch.cat([t["labels"].to(device) for t in targets])
+        img_idx, boxes, labels = flat
         wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-3)
         # Width/height mismatch with every level's anchor [N, L]; a box is matched where the
         # mismatch is below ANCHOR_RATIO, and always at its best level, so tiny or thin objects
@@ -261,11 +269,12 @@ class YoloLite(Detector):
         zero = outputs[0].sum() * 0.0  # keeps the graph connected when there are no positives
         box_loss, obj_loss, cls_loss = zero, zero, zero
         n_pos = 0
+        flat = self._flatten_targets(targets)
         for level, raw in enumerate(outputs):
             raw = raw.float()
             b, h, w, _ = raw.shape
             obj_target = torch.zeros(raw.shape[:3], device=raw.device)
-            img, gy, gx, tbox, tlabel = self._assign(targets, level, h, w)
+            img, gy, gx, tbox, tlabel = self._assign(flat, level, h, w)
             if len(img):
                 pred = raw[img, gy, gx]  # [P, 5 + C]
                 pbox = self._decode_boxes(pred, level, gx.float(), gy.float())

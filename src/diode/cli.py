@@ -549,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--profile", choices=["quick", "full"], default="quick")
     exp.add_argument("--out", help="output folder (default runs/experiment-PROFILE); reruns continue")
     exp.add_argument("--teacher", default="shapes-teacher")
-    exp.add_argument("--student", default="yolo-lite-n", help="student architecture")
+    exp.add_argument("--student", default="yolo-lite-s-p2",
+                     help="student architecture (default: the bundled teacher's, as in the paper)")
     exp.add_argument("--device", default="auto")
     exp.set_defaults(func=cmd_experiment)
 

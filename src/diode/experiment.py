@@ -28,6 +28,8 @@ from diode.config import TrainConfig  # noqa: E402
 from diode.data import open_dataset  # noqa: E402
 from diode.data.shapes import generate_backgrounds, generate_shapes  # noqa: E402
 from diode.detectors.checkpoint import load_detector  # noqa: E402
+from diode.detectors.registry import build_detector  # noqa: E402
+from diode.distill.losses import DistillConfig, resolve_methods  # noqa: E402
 from diode.distill.sources import load_transfer_set, noise_images  # noqa: E402
 from diode.errors import DiodeError  # noqa: E402
 from diode.io import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
@@ -50,11 +52,13 @@ class Profile:
 
 
 PROFILES = {
-    "quick": Profile(transfer_images=64, synth_iterations=80, fast_iterations=80, synth_batch=32, kd_epochs=12,
-                     kd_batch=16, val_images=200, seeds=[0], iteration_sweep=[20, 40], image_sweep=[16, 32]),
-    "full": Profile(transfer_images=512, synth_iterations=400, fast_iterations=200, synth_batch=64, kd_epochs=60,
-                    kd_batch=32, val_images=500, seeds=[0, 1, 2], iteration_sweep=[50, 100],
-                    image_sweep=[128, 256]),
+    # Sized for the 2-core CPU (README: quick <= 20 min, full about an hour): every row gets the
+    # same images and the same KD steps (transfer_images / kd_batch * kd_epochs).
+    "quick": Profile(transfer_images=64, synth_iterations=100, fast_iterations=60, synth_batch=32, kd_epochs=40,
+                     kd_batch=32, val_images=200, seeds=[0], iteration_sweep=[20, 40], image_sweep=[16, 32]),
+    "full": Profile(transfer_images=192, synth_iterations=300, fast_iterations=150, synth_batch=32, kd_epochs=60,
+                    kd_batch=32, val_images=300, seeds=[0, 1, 2], iteration_sweep=[50, 100],
+                    image_sweep=[64, 128]),
 }
 
 # Row name -> how its synthetic images are made (recipe name + overrides), None for non-synthetic rows.
@@ -95,7 +99,7 @@ class RowResult:
 
 class Experiment:
     def __init__(self, out_dir: Path, profile_name: str, teacher_name: str = "shapes-teacher",
-                 student_arch: str = "yolo-lite-n", device: torch.device | str = "cpu", progress: bool = True,
+                 student_arch: str = "yolo-lite-s-p2", device: torch.device | str = "cpu", progress: bool = True,
                  log=print) -> None:
         if profile_name not in PROFILES:
             raise DiodeError(f"--profile {profile_name!r}: valid profiles are {', '.join(PROFILES)}")
@@ -104,6 +108,8 @@ class Experiment:
         self.progress, self.log = progress, log
         self.teacher, _ = load_detector(teacher_name, device=device)
         self.size = self.teacher.image_size
+        probe = build_detector(student_arch, class_names=self.teacher.class_names, image_size=self.size).to(device)
+        self.kd = DistillConfig(methods=resolve_methods("auto", self.teacher, probe, self.size))
         self._real_cache = None
 
     # -- data ------------------------------------------------------------------------------
@@ -159,7 +165,7 @@ class Experiment:
         self.log(f"row {row} (n={count}, seed {seed}): training the student on {len(images)} images")
         targets = train_targets[:count] if row == "real-labels" else None
         metrics = train_student(self.teacher, self.student_arch, images, targets, val_images, val_targets, cfg,
-                                self.out / "students" / key, progress=self.progress,
+                                self.out / "students" / key, kd=self.kd, progress=self.progress,
                                 command=f"diode experiment --profile {self.profile_name}")
         result = RowResult(row, seed, metrics["map_50"], metrics["map"], len(images), seconds, agreement)
         atomic_write_json(cache, asdict(result))
@@ -180,7 +186,8 @@ class Experiment:
         sweeps = self._sweeps()
         table = {"profile": self.profile_name, "profile_settings": asdict(p), "teacher": self.teacher_name,
                  "teacher_val_map_50": teacher_map["map_50"], "teacher_val_map": teacher_map["map"],
-                 "student": self.student_arch, "rows": rows, "sweeps": sweeps}
+                 "student": self.student_arch, "kd_methods": ", ".join(self.kd.methods), "rows": rows,
+                 "sweeps": sweeps}
         atomic_write_json(self.out / "table.json", table)
         atomic_write_text(self.out / "table.md", self._markdown(table))
         self._plots(sweeps)
@@ -215,7 +222,7 @@ class Experiment:
         lines = [f"# DIODE comparison, profile `{self.profile_name}`", "",
                  f"Teacher `{self.teacher_name}` (real-val mAP@.5 {table['teacher_val_map_50']:.3f}), student "
                  f"`{self.student_arch}` from scratch, {p.transfer_images} transfer images per row, "
-                 f"{p.kd_epochs} KD epochs (pseudo-labels), {p.val_images} fresh real val images, "
+                 f"{p.kd_epochs} KD epochs ({table['kd_methods']}), {p.val_images} fresh real val images, "
                  f"seeds {p.seeds}.", "",
                  "| row | mAP@.5 | mAP@[.5:.95] | % of real-KD | images | synthesis s | teacher agreement |",
                  "|---|---|---|---|---|---|---|"]

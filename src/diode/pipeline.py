@@ -14,7 +14,7 @@ from diode.config import SynthesisConfig, TrainConfig
 from diode.detectors.base import Detector
 from diode.detectors.checkpoint import load_detector
 from diode.detectors.registry import build_detector
-from diode.distill.losses import DistillConfig, DistillObjective
+from diode.distill.losses import DistillConfig, DistillObjective, resolve_methods
 from diode.evaluation import evaluate_detector
 from diode.synthesis.runner import RunSpec, SynthesisRun
 from diode.training.trainer import supervised_objective, train_detector
@@ -35,8 +35,8 @@ def synthesize_dataset(teacher: Detector, teacher_name: str, cfg: SynthesisConfi
 def train_student(teacher: Detector, student_arch: str, images: torch.Tensor, targets: list[Target] | None,
                   val_images: torch.Tensor, val_targets: list[Target], cfg: TrainConfig, out_dir: Path, *,
                   kd: DistillConfig | None = None, progress: bool = True, command: str = "") -> dict:
-    """Train a fresh student for `teacher`'s classes: KD from the teacher when `targets` is None,
-    else supervised on `targets` (the real-label reference). Returns the real-val metrics of its
+    """Train a fresh student for `teacher`'s classes: KD from the teacher when `targets` is None
+    (`kd`, by default the `auto` method), else supervised on `targets` (the real-label reference). Returns the real-val metrics of its
     best checkpoint."""
     device = next(teacher.parameters()).device
     class_names = teacher.class_names
@@ -44,7 +44,8 @@ def train_student(teacher: Detector, student_arch: str, images: torch.Tensor, ta
     torch.manual_seed(cfg.seed)
     student = build_detector(student_arch, class_names=class_names, image_size=image_size).to(device)
     if targets is None:
-        objective = DistillObjective(teacher, kd or DistillConfig())
+        kd = kd or DistillConfig(methods=resolve_methods("auto", teacher, student, image_size))
+        objective = DistillObjective(teacher, kd)
         targets = [empty_target()] * len(images)
     else:
         objective = supervised_objective

@@ -42,12 +42,13 @@ class TrainConfig:
     grad_clip: float = 10.0  # max gradient norm
     seed: int = 0  # seeds initialisation, shuffling and augmentation
     eval_every: int = 1  # evaluate on the val set every N epochs (and always at the end)
+    checkpoint_every: int = 1  # write last.pt every N epochs (and at every evaluation and the end)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig(**self.augment)
-        for key in ("epochs", "batch_size", "eval_every"):
+        for key in ("epochs", "batch_size", "eval_every", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0:

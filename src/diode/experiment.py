@@ -156,7 +156,8 @@ class Experiment:
             return RowResult(**json.loads(cache.read_text()))
         p = self.profile
         (train_images, train_targets), (val_images, val_targets) = self._real()
-        cfg = TrainConfig(epochs=p.kd_epochs, batch_size=p.kd_batch, seed=seed, eval_every=p.kd_epochs)
+        cfg = TrainConfig(epochs=p.kd_epochs, batch_size=p.kd_batch, seed=seed, eval_every=p.kd_epochs,
+                          checkpoint_every=max(1, p.kd_epochs // 4))
         started = time.time()
         if row in ("real-kd", "real-labels"):
             images, seconds, agreement = train_images[:count], 0.0, None

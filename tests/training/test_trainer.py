@@ -147,3 +147,33 @@ def test_resume_without_train_state_raises(tmp_path: Path) -> None:
 def test_empty_training_set_raises(tmp_path: Path) -> None:
     with pytest.raises(DiodeError, match="empty"):
         train_detector(_model(), TRAIN[0][:0], [], *VAL, CFG, tmp_path, progress=False)
+
+
+def test_checkpoint_every_writes_only_every_nth_epoch_and_resumes_from_the_last_written(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    cfg = replace(CFG, epochs=3, checkpoint_every=2, eval_every=3)
+    written: list[int] = []
+
+    def crash_after_3(result: EpochResult) -> None:
+        written.append(read_checkpoint(tmp_path / "last.pt")["train_state"]["epoch"]
+                       if (tmp_path / "last.pt").exists() else 0)
+        if result.epoch == 3:
+            raise _Crash("after epoch 3")
+
+    # Epoch 1: nothing written yet; epoch 2: written; epoch 3 (the end) written before the callback.
+    with pytest.raises(_Crash):
+        train_detector(_model(), *TRAIN, *VAL, cfg, tmp_path, progress=False, on_epoch=crash_after_3)
+    assert written == [0, 2, 3]
+    full = read_checkpoint(tmp_path / "last.pt")
+    # Resuming from epoch 2's checkpoint replays epoch 3 to the same weights.
+    (tmp_path / "last.pt").unlink()
+    partial = tmp_path / "partial"
+    with pytest.raises(_Crash):
+        train_detector(_model(), *TRAIN, *VAL, replace(cfg, epochs=3), partial, progress=False,
+                       on_epoch=lambda r: (_ for _ in ()).throw(_Crash()) if r.epoch == 2 else None)
+    assert read_checkpoint(partial / "last.pt")["train_state"]["epoch"] == 2
+    train_detector(_model(), *TRAIN, *VAL, cfg, partial, progress=False, resume=True)
+    resumed = read_checkpoint(partial / "last.pt")
+    for key, value in full["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key

@@ -169,22 +169,31 @@ def train_detector(model: Detector, train_images: torch.Tensor, train_targets: l
         epoch_result = EpochResult(epoch + 1, {k: v / steps_per_epoch for k, v in sums.items()},
                                    metrics, optimizer.param_groups[0]["lr"])
         result.history.append(epoch_result)
-        ema_state = ema.model.state_dict()
-        if (metrics and metrics["map"] > result.best_map) or not len(val_images):
-            result.best_map = metrics["map"] if metrics else result.best_map
-            save_checkpoint(best_path, model, command=command, metrics=metrics, state_dict=ema_state)
-        train_state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
-                       "epoch": epoch + 1, "best_map": result.best_map,
-                       "history": [vars(h) for h in result.history]}
-        last_metrics = metrics or next((h.metrics for h in reversed(result.history) if h.metrics), {})
-        save_checkpoint(last_path, model, command=command, metrics=last_metrics, state_dict=ema_state,
-                        train_state=train_state)
-        atomic_write_json(out_dir / "history.json", [vars(h) for h in result.history])
+        # Checkpoints every `checkpoint_every` epochs, at evaluations and at the end: a resumed
+        # run restarts from the last one written (same seeds per epoch, so the same result).
+        if metrics or (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+            _save(model, ema, optimizer, result, epoch + 1, metrics, bool(len(val_images)), out_dir, command)
         if on_epoch is not None:
             on_epoch(epoch_result)
         if world > 1:
             dist.barrier()
     return result
+
+
+def _save(model: Detector, ema: ModelEMA, optimizer: torch.optim.Optimizer, result: TrainResult, epochs_done: int,
+          metrics: dict, has_val: bool, out_dir: Path, command: str) -> None:
+    """Write best.pt (when the val mAP improved, or always without a val set), last.pt with the
+    training state, and history.json."""
+    ema_state = ema.model.state_dict()
+    if (metrics and metrics["map"] > result.best_map) or not has_val:
+        result.best_map = metrics["map"] if metrics else result.best_map
+        save_checkpoint(out_dir / "best.pt", model, command=command, metrics=metrics, state_dict=ema_state)
+    train_state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
+                   "epoch": epochs_done, "best_map": result.best_map, "history": [vars(h) for h in result.history]}
+    last_metrics = metrics or next((h.metrics for h in reversed(result.history) if h.metrics), {})
+    save_checkpoint(out_dir / "last.pt", model, command=command, metrics=last_metrics, state_dict=ema_state,
+                    train_state=train_state)
+    atomic_write_json(out_dir / "history.json", [vars(h) for h in result.history])
 
 
 def _broadcast_state(model: torch.nn.Module) -> None:

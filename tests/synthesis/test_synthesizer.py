@@ -276,3 +276,24 @@ def test_bn_terms_use_selected_layers_and_first_of_them(monkeypatch: pytest.Monk
     assert len(first_rec) == 1 and first_rec[0][0] is bn_rec[0][0] and first_rec[0][1] is bn_rec[0][1]
     assert first_run[0][0].data_ptr() == selected[0].running_mean.data_ptr()
     assert bn_args == first_args == (1.0, 0.5, 2.0)  # p, mean_weight, var_weight from cfg.bn
+
+
+def test_multi_resolution_with_a_fixed_input_size_teacher() -> None:
+    """torchvision detectors take exactly image_size: a half-resolution stage optimises pixels at
+    half resolution, upsampled, and the teacher always sees 64 x 64."""
+    torch.manual_seed(0)
+    tv = build_detector("tv-fcos-mobilenetv2", class_names=["a", "b"], image_size=(64, 64)).eval()
+    assert tv.fixed_input_size
+    seen = []
+    hook = tv.model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0][0].shape[-2:])))
+    stages = [StageConfig(iterations=2, scale=0.5, lr=0.05, betas=(0.9, 0.999), jitter=0.05),
+              StageConfig(iterations=2, scale=1.0, lr=0.05, betas=(0.9, 0.999), jitter=0.05)]
+    cfg = SynthesisConfig(batch_size=2, stages=stages, fp=FPConfig(enabled=False))
+    synth = Synthesizer(tv, cfg)
+    targets = [target([[8, 8, 40, 40]], [0]), target([[20, 10, 60, 50]], [1])]
+    result = synth.synthesize(targets, (64, 64), gen())
+    synth.close()
+    hook.remove()
+    assert result.images.shape == (2, 3, 64, 64) and result.iterations == 4
+    assert seen and set(seen) == {(64, 64)}
+    assert torch.allclose(result.targets[0]["boxes"], torch.tensor([[8.0, 8, 40, 40]]))

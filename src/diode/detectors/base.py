@@ -24,6 +24,10 @@ class Detector(nn.Module):
     """Base class: holds the class names and working image size and implements the BN helpers."""
 
     arch: str = ""
+    # True when the detector only accepts inputs of exactly `image_size` (e.g. the torchvision
+    # adapter pins its transform to it); synthesis then runs low-resolution stages as pixels at the
+    # stage resolution upsampled to `image_size` instead of feeding the detector smaller images.
+    fixed_input_size: bool = False
 
     def __init__(self, class_names: list[str], image_size: ImageSize) -> None:
         super().__init__()

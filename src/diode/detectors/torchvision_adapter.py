@@ -134,6 +134,8 @@ IMAGENET_BACKBONE_FAMILIES: dict[str, _Family] = {
 class TorchvisionDetector(Detector):
     """A torchvision detection model (``self.model``) adapted to the detector protocol."""
 
+    fixed_input_size = True  # inputs must be exactly image_size (see the module docstring)
+
     def __init__(self, class_names: list[str], image_size: ImageSize, family: str) -> None:
         super().__init__(class_names, image_size)
         spec = FAMILIES.get(family) or IMAGENET_BACKBONE_FAMILIES.get(family)

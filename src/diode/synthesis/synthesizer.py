@@ -6,7 +6,9 @@ augment images and boxes together, compute the named loss terms (teacher's task 
 in one place, step Adam on the pixels, clamp to [0, 1]. Stages run in order (multi-resolution:
 each stage starts from the previous one's images, upsampled); optional tiling composes a grid of
 finished images into multi-object images and refines them at full resolution (the refine stage's
-`scale` / `pixel_scale` are not used). False positives the teacher sees are promoted to targets on
+`scale` / `pixel_scale` are not used). A detector with `fixed_input_size` sees every stage at the
+output size, its low-resolution stages optimising pixels at the stage resolution, upsampled.
+False positives the teacher sees are promoted to targets on
 an explicit schedule (section 2). `bn_first` is the first *selected* BN layer (the network's
 first when all layers are hooked, as in the paper).
 
@@ -182,6 +184,10 @@ class Synthesizer:
         for stage in cfg.stages:
             stage_size = _stage_size(image_size, stage.scale, self.size_multiple)
             pixel_size = _stage_size(stage_size, stage.pixel_scale, 1)
+            if self.teacher.fixed_input_size:
+                # The teacher takes image_size only: a low-resolution stage keeps its pixel grid
+                # and is upsampled to the teacher's size (multi-resolution as parameterisation).
+                stage_size = tuple(image_size)
             params = F.interpolate(params, size=pixel_size, mode="bilinear", align_corners=False) \
                 if tuple(params.shape[-2:]) != tuple(pixel_size) else params
             # Targets live in the output frame; each stage sees them scaled to its resolution.

@@ -215,6 +215,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.num_images < 1:
         raise DiodeError(f"--num-images must be >= 1, got {args.num_images}")
+    if not 0 <= args.score_thresh <= 1:
+        raise DiodeError(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
     device, model, dataset = _model_and_dataset(args)
     if len(dataset) == 0:
         raise DiodeError(f"{args.data}: dataset has no images")

@@ -174,3 +174,13 @@ def test_non_finite_batch_retried_then_skipped(tmp_path, monkeypatch):
     assert not list((tmp_path / "images").glob("000000_*.png"))  # no NaN image written
     manifest = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
     assert "skipped" in manifest[0] and "skipped" not in manifest[1]
+
+
+def test_growing_a_run_whose_last_batch_was_partial_is_refused(tmp_path):
+    run = SynthesisRun(_teacher(), _spec(3), tmp_path)  # batches of 2: the second holds 1 image
+    run.check_or_write_settings()
+    run.run(progress=False)
+    run.merge()
+    with pytest.raises(DiodeError, match="last batch is partial"):
+        SynthesisRun(_teacher(), _spec(4), tmp_path).check_or_write_settings()
+    SynthesisRun(_teacher(), _spec(3), tmp_path).check_or_write_settings()  # the same run resumes

@@ -40,6 +40,8 @@ class DistillConfig:
             raise ValueError(f"--method: unknown {unknown or 'empty'}; valid: {', '.join(METHODS)}")
         if any(w < 0 for w in self.methods.values()):
             raise ValueError("--method weights must be >= 0")
+        if not 0 <= self.pseudo_score_thresh <= 1:
+            raise ValueError(f"--pseudo-score-thresh must be in [0, 1], got {self.pseudo_score_thresh}")
 
 
 def parse_methods(text: str) -> dict[str, float]:

@@ -139,6 +139,13 @@ class SynthesisRun:
                 if json.dumps(theirs.get(key), sort_keys=True) != json.dumps(mine[key], sort_keys=True):
                     raise DiodeError(f"{self.out_dir}: holds a run with a different {key}; rerun its own command "
                                      f"or choose another --out")
+            # A different --num-images extends or shortens the run batch by batch; a finished last
+            # batch that was partial would stay short, so that case is refused.
+            old_n, batch = theirs.get("num_images"), self.spec.config.batch_size
+            if isinstance(old_n, int) and old_n != mine["num_images"] and old_n % batch \
+                    and mine["num_images"] > old_n - old_n % batch:
+                raise DiodeError(f"{self.out_dir}: holds {old_n} images whose last batch is partial (batch size "
+                                 f"{batch}); rerun with --num-images {old_n} or choose another --out")
         if self.rank == 0:
             atomic_write_yaml(path, {"command": self.command, **mine})
 

@@ -97,7 +97,7 @@ def train_detector(model: Detector, train_images: torch.Tensor, train_targets: l
     ema = ModelEMA(model, cfg.ema_decay)
     result = TrainResult()
     start_epoch = 0
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    last_path = out_dir / "last.pt"
     if resume and last_path.exists():
         state = read_checkpoint(last_path).get("train_state")
         if state is None:

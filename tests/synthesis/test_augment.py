@@ -236,3 +236,22 @@ def test_targets_stay_on_cpu(device: str) -> None:
         assert t["boxes"].device.type == "cpu" and t["labels"].device.type == "cpu"
         assert t["boxes"].dtype == torch.float32 and t["labels"].dtype == torch.int64
     assert new[1]["boxes"].shape == (0, 4)
+
+
+def test_roll_and_flip_together_match_torch_roll_then_flip_with_gradient() -> None:
+    """The fused pixel permutation equals torch.roll followed by a flip, image by image, and its
+    gradient (a gather with the inverse permutation) equals autograd through roll and flip."""
+    from diode.synthesis.augment import _roll_flip
+
+    x = images(4, 24, 40).requires_grad_(True)
+    dx, dy = torch.tensor([3, -7, 0, 39]), torch.tensor([-2, 5, 0, 23])
+    flip = torch.tensor([True, False, True, False])
+    weights = torch.randn(4, 3, 24, 40, generator=gen(5))
+    out = _roll_flip(x, dx, dy, flip)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    x2 = x.detach().clone().requires_grad_(True)
+    rolled = [torch.roll(x2[b], shifts=(int(dy[b]), int(dx[b])), dims=(-2, -1)) for b in range(4)]
+    expected = torch.stack([r.flip(-1) if f else r for r, f in zip(rolled, flip.tolist())])
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x2)
+    assert torch.equal(out, expected)
+    assert torch.allclose(grad, expected_grad)

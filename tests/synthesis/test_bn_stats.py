@@ -117,17 +117,90 @@ def test_recorded_raises_for_layer_not_reached() -> None:
     recorder.remove()
 
 
-def test_remove_detaches_hooks() -> None:
+def test_layers_restored_after_recording_and_after_remove() -> None:
     net = TinyNet().eval()
     modules = [m for _, m in net.bn_layers()]
-    before = [len(m._forward_pre_hooks) for m in modules]
     recorder = BNStatsRecorder(net.bn_layers())
-    assert [len(m._forward_pre_hooks) for m in modules] == [b + 1 for b in before]
+    assert all("forward" not in m.__dict__ for m in modules)  # nothing attached outside recording
+    with recorder.recording():
+        assert all("forward" in m.__dict__ for m in modules)
+        net(torch.randn(2, 3, 5, 5))
+    assert all("forward" not in m.__dict__ for m in modules)
     recorder.remove()
-    assert [len(m._forward_pre_hooks) for m in modules] == before
     with recorder.recording():
         net(torch.randn(2, 3, 5, 5))
+        assert all("forward" not in m.__dict__ for m in modules)
     assert recorder.stats == [None, None]
+
+
+def test_restores_a_forward_set_on_the_instance() -> None:
+    net = TinyNet().eval()
+    bn = net.stage1[1]
+    custom = bn.forward
+    bn.forward = lambda x: custom(x) * 1.0  # someone else's instance-level override
+    mine = bn.__dict__["forward"]
+    recorder = BNStatsRecorder(net.bn_layers())
+    with recorder.recording():
+        net(torch.randn(2, 3, 5, 5))
+    assert bn.__dict__["forward"] is mine
+    recorder.remove()
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_fused_layer_same_output_and_gradient_as_layer_plus_stats(frozen: bool, dtype: torch.dtype) -> None:
+    """While recording, a frozen BN runs fused with its statistics (fp32) or as the layer plus
+    `channel_mean_var` (bf16 input): the network's output and the gradient of a loss on output
+    and statistics together match the unrecorded layers plus the written-out statistics."""
+    torch.manual_seed(0)
+    net = TinyNet(frozen).eval()
+    if not frozen:
+        with torch.no_grad():
+            for m in (net.stage1[1], net.stage2[2]):
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    recorder = BNStatsRecorder(net.bn_layers())
+    x = torch.randn(2, 3, 5, 6, requires_grad=True)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)  # noqa: E731
+    with recorder.recording(), autocast():
+        out = net(x).float()
+    path = "_FrozenBNWithStats" if dtype == torch.float32 else "_ChannelMeanVar"
+    assert all(type(m.grad_fn).__name__.startswith(path) for m, _ in recorder.recorded())
+    loss = out.square().sum() + sum(m.square().sum() + v.sum() for m, v in recorder.recorded())
+    (grad,) = torch.autograd.grad(loss, x)
+    x2 = x.detach().clone().requires_grad_(True)
+    with autocast():
+        h1 = net.stage1[0](x2)
+        h2 = net.stage2[1](net.stage2[0](net.stage1[1](h1)))
+        out2 = net.stage2[2](h2).float()
+    stats = [manual_stats(h.float()) for h in (h1, h2)]
+    expected_loss = out2.square().sum() + sum(m.square().sum() + v.sum() for m, v in stats)
+    (expected,) = torch.autograd.grad(expected_loss, x2)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(out, out2, atol=tol, rtol=tol)
+    assert torch.allclose(grad, expected, atol=tol, rtol=tol)
+    assert grad.abs().sum() > 0
+    recorder.remove()
+
+
+def test_bn_in_training_mode_runs_its_own_forward() -> None:
+    """A BN layer in training mode is not a fixed affine map: the recorder leaves its forward
+    (batch statistics, running-statistics update) alone and only records its input."""
+    torch.manual_seed(0)
+    net = TinyNet()
+    net.train()
+    before = net.stage1[1].running_mean.clone()
+    recorder = BNStatsRecorder(net.bn_layers())
+    x = torch.randn(4, 3, 5, 5)
+    with recorder.recording():
+        out = net(x)
+    assert not torch.equal(net.stage1[1].running_mean, before)  # its own forward ran
+    mu, v = manual_stats(net.stage1[0](x))
+    assert torch.allclose(recorder.recorded()[0][0], mu, atol=1e-6)
+    assert torch.allclose(out.mean((0, 2, 3)), torch.zeros(5), atol=1e-5)  # batch-normalised output
+    recorder.remove()
 
 
 def test_gradients_flow_from_stats_to_input() -> None:

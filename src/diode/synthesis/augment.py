@@ -1,7 +1,7 @@
 """Differentiable, box-aware augmentation of the images being synthesised (METHOD.md section 1).
 
-Re-sampled every iteration and vectorised over the batch: roll jitter (one gather per axis),
-horizontal flip, optional zoom, brightness, contrast and random erasing. Boxes follow the
+Re-sampled every iteration and vectorised over the batch: roll jitter and horizontal flip (one
+pixel permutation, a single gather each way), optional zoom, brightness, contrast and random erasing. Boxes follow the
 geometry: shifted (and flipped / scaled), clamped to the image, dropped when their area falls
 below 1 px^2. Gradients flow to the input pixels through every operation.
 """
@@ -15,13 +15,41 @@ from diode.config import SynthAugmentConfig
 from diode.types import Target
 
 
-def _roll(images: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """Per-image circular shift of images [B, C, H, W] by integer (dx, dy) [B]."""
+class _PermutePixels(torch.autograd.Function):
+    """out[b, c, k] = x[b, c, index[b, k]] over the flattened pixels, for a per-image permutation
+    `index` [B, H*W]; the gradient is the gather with the inverse permutation (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return _gather_pixels(x, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return _gather_pixels(grad, inverse), None, None
+
+
+def _gather_pixels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h * w).gather(2, index[:, None, :].expand(b, c, h * w)).view(b, c, h, w)
+
+
+def _roll_flip(images: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Per-image circular shift by integer (dx, dy) [B], then a horizontal flip where `flip` [B]:
+    out[b, :, i, j] = x[b, :, (i - dy) % H, (f(j) - dx) % W], f(j) = W - 1 - j if flipped else j.
+    One gather forward and one backward, whatever the batch."""
     b, c, h, w = images.shape
-    cols = (torch.arange(w, device=images.device)[None] - dx[:, None]) % w  # [B, W]
-    rows = (torch.arange(h, device=images.device)[None] - dy[:, None]) % h  # [B, H]
-    images = images.gather(3, cols[:, None, None, :].expand(b, c, h, w))
-    return images.gather(2, rows[:, None, :, None].expand(b, c, h, w))
+    i = torch.arange(h, device=images.device)[None]
+    j = torch.arange(w, device=images.device)[None]
+    mirror = lambda k: torch.where(flip[:, None], w - 1 - k, k)  # noqa: E731 - its own inverse
+    rows = (i - dy[:, None]) % h  # [B, H]
+    cols = (mirror(j) - dx[:, None]) % w  # [B, W]
+    index = (rows[:, :, None] * w + cols[:, None, :]).view(b, h * w)
+    inv_rows = (i + dy[:, None]) % h
+    inv_cols = mirror((j + dx[:, None]) % w)
+    inverse = (inv_rows[:, :, None] * w + inv_cols[:, None, :]).view(b, h * w)
+    return _PermutePixels.apply(images, index, inverse)
 
 
 def augment_synthesis(images: torch.Tensor, targets: list[Target], cfg: SynthAugmentConfig, jitter: int,
@@ -44,8 +72,7 @@ def augment_synthesis(images: torch.Tensor, targets: list[Target], cfg: SynthAug
     u = u_cpu.to(device)
     dx, dy, flip, zoom = dx_cpu.to(device), dy_cpu.to(device), flip_cpu.to(device), zoom_cpu.to(device)
 
-    out = _roll(images, dx, dy) if jitter > 0 else images
-    out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    out = _roll_flip(images, dx, dy, flip) if jitter > 0 or cfg.flip_p > 0 else images
     zooming = hi > lo or lo != 1.0
     if zooming:  # zoom about the centre; content leaving the frame is cut, new border is 0
         theta = torch.zeros(b, 2, 3, device=device)
@@ -54,9 +81,8 @@ def augment_synthesis(images: torch.Tensor, targets: list[Target], cfg: SynthAug
         grid = F.affine_grid(theta, list(out.shape), align_corners=False)
         out = F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
-    out = out + normal[:, 0, None, None, None] * cfg.brightness
-    out = out * (1 + normal[:, 1, None, None, None] * cfg.contrast)
-
+    # Brightness, contrast and erasing as one per-pixel affine map: out * gain + offset.
+    contrast = 1 + normal[:, 1, None, None, None] * cfg.contrast  # [B, 1, 1, 1]
     erase = u[:, 4] < cfg.erase_p
     area = (cfg.erase_area[0] + u[:, 5] * (cfg.erase_area[1] - cfg.erase_area[0])) * h * w
     log_lo, log_hi = torch.log(torch.tensor(cfg.erase_aspect, device=device))
@@ -69,18 +95,23 @@ def augment_synthesis(images: torch.Tensor, targets: list[Target], cfg: SynthAug
     xs = torch.arange(w, device=device)[None, None, :]
     inside = ((ys >= ey[:, None, None]) & (ys < (ey + eh)[:, None, None])
               & (xs >= ex[:, None, None]) & (xs < (ex + ew)[:, None, None]) & erase[:, None, None])
-    out = out * (~inside)[:, None].to(out.dtype)
+    gain = contrast * (~inside)[:, None].to(out.dtype)  # [B, 1, H, W]
+    offset = gain * (normal[:, 0, None, None, None] * cfg.brightness)
+    out = torch.addcmul(offset, out, gain)
 
-    new_targets = []
-    centre = torch.tensor([w / 2, h / 2, w / 2, h / 2])
-    for i, t in enumerate(targets):
-        boxes = t["boxes"].float() + torch.stack([dx_cpu[i], dy_cpu[i], dx_cpu[i], dy_cpu[i]]).float()
-        if flip_cpu[i]:
-            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
-        if zooming:
-            boxes = (boxes - centre) * zoom_cpu[i] + centre
-        boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
-                             boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], 1)
-        keep = (boxes[:, 2:] - boxes[:, :2]).prod(1) >= 1.0
-        new_targets.append({"boxes": boxes[keep], "labels": t["labels"][keep]})
-    return out, new_targets
+    # Boxes of the whole batch at once (one tensor, image index per box), then split per image.
+    counts = [len(t["boxes"]) for t in targets]
+    boxes = torch.cat([t["boxes"].float().reshape(-1, 4) for t in targets])
+    labels = torch.cat([t["labels"].reshape(-1) for t in targets])
+    image = torch.repeat_interleave(torch.arange(b), torch.tensor(counts, dtype=torch.long))
+    boxes = boxes + torch.stack([dx_cpu, dy_cpu, dx_cpu, dy_cpu], 1).float()[image]
+    mirrored = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+    boxes = torch.where(flip_cpu[image, None], mirrored, boxes)
+    if zooming:
+        centre = torch.tensor([w / 2, h / 2, w / 2, h / 2])
+        boxes = (boxes - centre) * zoom_cpu[image, None] + centre
+    boxes = boxes.clamp(min=torch.zeros(4), max=torch.tensor([w, h, w, h], dtype=torch.float32))
+    keep = (boxes[:, 2:] - boxes[:, :2]).prod(1) >= 1.0
+    kept = torch.bincount(image[keep], minlength=b).tolist()
+    return out, [{"boxes": bx, "labels": lb}
+                 for bx, lb in zip(boxes[keep].split(kept), labels[keep].split(kept))]

@@ -68,12 +68,12 @@ class _TVL1(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        out = torch.zeros(ctx.shape, dtype=ctx.saved_tensors[0].dtype, device=grad.device)
-        for (a, b), sign in zip(_PAIRS, ctx.saved_tensors):
-            step = sign * (grad / sign.numel()).to(sign.dtype)
-            out[..., a[0], a[1]] += step
-            out[..., b[0], b[1]] -= step
-        return out
+        signs = ctx.saved_tensors
+        out = torch.zeros(ctx.shape, dtype=signs[0].dtype, device=grad.device)
+        for (a, b), sign in zip(_PAIRS, signs):
+            out[..., a[0], a[1]].add_(sign, alpha=1.0 / sign.numel())
+            out[..., b[0], b[1]].sub_(sign, alpha=1.0 / sign.numel())
+        return out.mul_(grad.to(out.dtype))
 
 
 def tv_l1(images: torch.Tensor) -> torch.Tensor:

@@ -101,7 +101,8 @@ class Synthesizer:
         recorded = self.recorder.recorded()
         bn = self.cfg.bn
         terms["bn"] = bn_loss(recorded, running, bn.p, bn.mean_weight, bn.var_weight)
-        terms["bn_first"] = bn_loss(recorded[:1], running[:1], bn.p, bn.mean_weight, bn.var_weight)
+        if weights.bn_first or log:
+            terms["bn_first"] = bn_loss(recorded[:1], running[:1], bn.p, bn.mean_weight, bn.var_weight)
         for name, fn in (("tv_l1", tv_l1), ("tv_l2", tv_l2), ("l2", image_l2)):
             if getattr(weights, name):
                 terms[name] = fn(images)
@@ -116,7 +117,9 @@ class Synthesizer:
                    callback: Callback | None, lr_scale: float) -> tuple[torch.Tensor, list[Target]]:
         """Optimise `params` (pixels at the pixel resolution) for one stage; returns (params, targets)."""
         params = params.detach().clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([params], lr=stage.lr, betas=stage.betas, eps=1e-8)
+        # One fused kernel for the whole update where torch has it (CPU and CUDA).
+        fused = params.device.type in ("cpu", "cuda")
+        optimizer = torch.optim.Adam([params], lr=stage.lr, betas=stage.betas, eps=1e-8, fused=fused)
         running = self.recorder.running()
         jitter = int(round(stage.jitter * min(stage_size)))
         fp = self.cfg.fp

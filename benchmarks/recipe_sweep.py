@@ -54,20 +54,22 @@ def main() -> None:
     parser.add_argument("--iteration-scale", type=float, default=1.0, help="multiply every variant's iterations (dry runs)")
     parser.add_argument("--out", help="append JSON lines here")
     parser.add_argument("--keep", help="keep the synthesised sets under this folder")
+    parser.add_argument("--teacher", default="shapes-teacher", help="bundled name or checkpoint")
+    parser.add_argument("--verifier", default="shapes-verifier", help="bundled name or checkpoint")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     variants = yaml.safe_load(Path(args.variants).read_text())
     names = args.only.split(",") if args.only else list(variants)
-    teacher = load_detector("shapes-teacher", device=args.device)[0]
-    verifier = load_detector("shapes-verifier", device=args.device)[0]
+    teacher = load_detector(args.teacher, device=args.device)[0]
+    verifier = load_detector(args.verifier, device=args.device)[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
         for name in names:
             cfg = variant_config(variants[name], args.batch_size, args.iteration_scale)
             started = time.time()
-            summary = synthesize_dataset(teacher, "shapes-teacher", cfg, root / name, args.num_images, args.seed,
+            summary = synthesize_dataset(teacher, args.teacher, cfg, root / name, args.num_images, args.seed,
                                          progress=False, verifier=verifier)
-            row = {"variant": name, "spec": variants[name], "images": args.num_images,
+            row = {"variant": name, "teacher": args.teacher, "spec": variants[name], "images": args.num_images,
                    "iterations": sum(s.iterations for s in cfg.stages),
                    "teacher_agreement": round(summary["teacher_agreement"], 4),
                    "verifier_agreement": round(summary.get("verifier_agreement") or -1, 4),

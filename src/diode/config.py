@@ -22,10 +22,12 @@ class AugmentConfig:
     saturation: float = 0.5  # saturation factor in [1 - s, 1 + s]
     value: float = 0.35  # brightness factor in [1 - v, 1 + v]
     min_visible: float = 0.4  # drop a box keeping less than this fraction of its area in the image
+    mosaic_p: float = 0.0  # probability that an output image is a 2x2 mosaic of four batch images
 
     def __post_init__(self) -> None:
-        if not 0 <= self.flip_p <= 1:
-            raise ValueError(f"flip_p must be in [0, 1], got {self.flip_p}")
+        for key in ("flip_p", "mosaic_p"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
         if not 0 < self.scale[0] <= self.scale[1]:
             raise ValueError(f"scale must be an increasing positive range, got {self.scale}")
 
@@ -173,6 +175,10 @@ class BNConfig:
     p: float = 2.0  # norm of the mean/variance differences (not raised to p)
     mean_weight: float = 1.0  # weight of the mean term inside each layer
     var_weight: float = 1.0  # weight of the variance term inside each layer
+    # false: the paper's raw differences (a layer's term scales with its activations, so the sum
+    # depends on the teacher); true: differences in units of each layer's mean running variance
+    # (see priors.bn_loss), comparable across layers and teachers.
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, int) and self.layers < 1:

@@ -166,8 +166,8 @@ def test_fused_layer_same_output_and_gradient_as_layer_plus_stats(frozen: bool, 
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)  # noqa: E731
     with recorder.recording(), autocast():
         out = net(x).float()
-    path = "_FrozenBNWithStats" if dtype == torch.float32 else "_ChannelMeanVar"
-    assert all(type(m.grad_fn).__name__.startswith(path) for m, _ in recorder.recorded())
+    path = "_FrozenBNWithMoments" if dtype == torch.float32 else "_ChannelMoments"
+    assert all(type(m1.grad_fn).__name__.startswith(path) for m1, _ in recorder.stats)
     loss = out.square().sum() + sum(m.square().sum() + v.sum() for m, v in recorder.recorded())
     (grad,) = torch.autograd.grad(loss, x)
     x2 = x.detach().clone().requires_grad_(True)
@@ -275,3 +275,22 @@ def test_channel_mean_var_matches_var_mean_with_its_written_out_gradient() -> No
     ref_var, ref_mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
     assert torch.allclose(mean, ref_mean) and torch.allclose(var, ref_var)
     assert torch.autograd.gradcheck(channel_mean_var, (x,))
+
+
+def test_fused_frozen_bn_gradcheck() -> None:
+    """The fused layer + moments function against numerical gradients, for each output alone and
+    together (float64)."""
+    from diode.synthesis.bn_stats import _FrozenBNWithMoments
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g) * 2 + 1).requires_grad_(True)
+    scale = torch.rand(3, dtype=torch.float64, generator=g) + 0.5
+    shift = torch.randn(3, dtype=torch.float64, generator=g)
+    zeros, ones = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    fn = lambda x: _FrozenBNWithMoments.apply(x, scale, shift, zeros, ones)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,))
+    for k in range(3):
+        assert torch.autograd.gradcheck(lambda x: fn(x)[k], (x,))
+    y, m1, m2 = fn(x)
+    assert torch.allclose(y, x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    assert torch.allclose(m1, x.mean((0, 2, 3))) and torch.allclose(m2, (x * x).mean((0, 2, 3)))

@@ -46,6 +46,28 @@ def test_bn_loss_hand_values() -> None:
     assert float(bn_loss(recorded, running, p=2, var_weight=0.0, layer_weights=[3.0])) == pytest.approx(15)
 
 
+@pytest.mark.parametrize("p", [2.0, 1.0])
+def test_bn_loss_normalized_formula_and_scale_free(p: float) -> None:
+    channels = [3, 5, 2]
+    recorded, running = random_stats(channels, 3), random_stats(channels, 4)
+    eps = 1e-5
+    # sum_l ||mu - rm||_p / sqrt(s_l) + ||var - rv||_p / s_l, s_l = mean_c(rv) + eps
+    expected = sum(norm(mu - rm, p) / math.sqrt(float(rv.mean()) + eps) + norm(var - rv, p) / (float(rv.mean()) + eps)
+                   for (mu, var), (rm, rv) in zip(recorded, running))
+    got = bn_loss(recorded, running, p=p, normalize=True)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    # Scaling a layer's activations by k (mean by k, variance by k^2, on both sides) changes the
+    # raw term by about k^2 but not the normalised one (up to eps).
+    k = 30.0
+    scaled = lambda stats: [(m * k, v * k * k) for m, v in stats]  # noqa: E731
+    assert float(bn_loss(scaled(recorded), scaled(running), p=p, normalize=True)) == pytest.approx(expected, rel=1e-3)
+    assert float(bn_loss(scaled(recorded), scaled(running), p=p)) > 100 * float(bn_loss(recorded, running, p=p))
+    # A dead channel (running variance ~0) does not blow the term up.
+    dead = [(torch.tensor([0.1, 1.0]), torch.tensor([0.4, 1.0]))]
+    dead_running = [(torch.tensor([0.0, 1.0]), torch.tensor([1e-45, 1.0]))]
+    assert float(bn_loss(dead, dead_running, p=p, normalize=True)) < 10
+
+
 def test_bn_loss_zero_when_stats_match_and_differentiable() -> None:
     running = random_stats([4, 6], 2)
     recorded = [(m.clone(), v.clone()) for m, v in running]

@@ -91,11 +91,14 @@ def augment_synthesis(images: torch.Tensor, targets: list[Target], cfg: SynthAug
     ew = (area / aspect).sqrt().clamp(max=w)
     ey = u[:, 7] * (h - eh)
     ex = u[:, 8] * (w - ew)
-    ys = torch.arange(h, device=device)[None, :, None]
-    xs = torch.arange(w, device=device)[None, None, :]
-    inside = ((ys >= ey[:, None, None]) & (ys < (ey + eh)[:, None, None])
-              & (xs >= ex[:, None, None]) & (xs < (ex + ew)[:, None, None]) & erase[:, None, None])
-    gain = contrast * (~inside)[:, None].to(out.dtype)  # [B, 1, H, W]
+    # The erased rectangle is the outer product of a row range and a column range: two small
+    # masks, one image-size product.
+    ys = torch.arange(h, device=device)[None, :]
+    xs = torch.arange(w, device=device)[None, :]
+    in_rows = ((ys >= ey[:, None]) & (ys < (ey + eh)[:, None])).to(images.dtype)  # [B, H]
+    in_cols = ((xs >= ex[:, None]) & (xs < (ex + ew)[:, None])).to(images.dtype)  # [B, W]
+    erased = (erase.to(images.dtype) * contrast.view(b))[:, None, None, None]
+    gain = contrast - erased * (in_rows[:, None, :, None] * in_cols[:, None, None, :])  # [B, 1, H, W]
     offset = gain * (normal[:, 0, None, None, None] * cfg.brightness)
     out = torch.addcmul(offset, out, gain)
 

@@ -35,13 +35,10 @@ def select_bn_layers(layers: list[tuple[str, nn.Module]], selection: str | int |
     return chosen
 
 
-def _sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-channel (mean, biased var, count) over (B, H, W) from the sums of x and x^2."""
-    n = x.numel() // x.shape[1]
-    flat = x.flatten(2)
-    mean = flat.sum(2).sum(0) / n
-    var = ((flat * flat).sum(2).sum(0) / n - mean * mean).clamp(min=0)
-    return mean, var, n
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel raw moments (E[x], E[x^2]) over (B, H, W) of x [B, C, H, W]."""
+    flat = x.flatten(2) if x.is_contiguous() else x.reshape(x.shape[0], x.shape[1], -1)
+    return flat.mean(2).mean(0), (flat * flat).mean(2).mean(0)
 
 
 def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
@@ -52,58 +49,67 @@ def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
     return F.batch_norm(x, zeros, ones, scale, shift, False, 0.0, 0.0)
 
 
-def _stats_grad(x: torch.Tensor, mean: torch.Tensor, n: int, g_mean: torch.Tensor | None,
-                g_var: torch.Tensor | None, zeros_ones: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """d(mean, var)/dx contracted with (g_mean, g_var): (g_mean - 2 g_var mean) / n + (2 g_var / n) x."""
-    g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
-    g_var = torch.zeros_like(mean) if g_var is None else g_var
-    return _affine(x, 2 * g_var / n, (g_mean - 2 * g_var * mean) / n, zeros_ones)
+def _moments_grad(x: torch.Tensor, g_m1: torch.Tensor | None, g_m2: torch.Tensor | None,
+                  zeros_ones: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """d(E[x], E[x^2])/dx contracted with (g_m1, g_m2): g_m1 / n + (2 g_m2 / n) x, n = B H W."""
+    n = x.numel() // x.shape[1]
+    like = g_m1 if g_m1 is not None else g_m2
+    g_m1 = torch.zeros_like(like) if g_m1 is None else g_m1
+    g_m2 = torch.zeros_like(like) if g_m2 is None else g_m2
+    return _affine(x, g_m2 * (2.0 / n), g_m1 * (1.0 / n), zeros_ones)
 
 
-class _ChannelMeanVar(torch.autograd.Function):
-    """Per-channel (mean, biased var) over (B, H, W) from the sums of x and x^2, with the gradient
-    written out (`_stats_grad`), one fused pass. Several times faster on the CPU than
-    ``torch.var_mean`` forward + backward; same values (BN inputs are O(1) activations, so the
-    cancellation in E[x^2] - E[x]^2 is negligible in fp32)."""
+class _ChannelMoments(torch.autograd.Function):
+    """Per-channel (E[x], E[x^2]) with the gradient written out (`_moments_grad`, one pass).
+    Several times faster on the CPU than ``torch.var_mean`` forward + backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        mean, var, ctx.n = _sums(x)
-        ctx.save_for_backward(x, mean)
-        return mean, var
+        ctx.save_for_backward(x)
+        return _moments(x)
 
     @staticmethod
-    def backward(ctx, g_mean: torch.Tensor, g_var: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x, mean = ctx.saved_tensors
-        return _stats_grad(x, mean, ctx.n, g_mean, g_var)
+    def backward(ctx, g_m1: torch.Tensor, g_m2: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return _moments_grad(x, g_m1, g_m2)
 
 
-class _FrozenBNWithStats(torch.autograd.Function):
-    """A frozen BN layer (y = x * scale + shift per channel) and the statistics of its input in
-    one function: forward and backward each make one pass over x fewer than the layer plus
-    `_ChannelMeanVar` (whose gradient autograd would add to the layer's in a third pass)."""
+class _FrozenBNWithMoments(torch.autograd.Function):
+    """A frozen BN layer (y = x * scale + shift per channel) and the moments of its input in one
+    function: forward and backward each make one pass over x fewer than the layer plus
+    `_ChannelMoments` (whose gradient autograd would add to the layer's in a third pass), and
+    only a handful of operations per layer (the mean/variance arithmetic is done once for all
+    layers, in `BNStatsRecorder.recorded`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, zeros: torch.Tensor,
                 ones: torch.Tensor):  # type: ignore[override]
-        mean, var, ctx.n = _sums(x)
-        ctx.save_for_backward(x, mean, scale, zeros, ones)
-        return _affine(x, scale, shift, (zeros, ones)), mean, var
+        ctx.save_for_backward(x, scale, zeros, ones)
+        return (_affine(x, scale, shift, (zeros, ones)),) + _moments(x)
 
     @staticmethod
-    def backward(ctx, g_y: torch.Tensor | None, g_mean: torch.Tensor | None,
-                 g_var: torch.Tensor | None):  # type: ignore[override]
-        x, mean, scale, zeros, ones = ctx.saved_tensors
-        grad = _stats_grad(x, mean, ctx.n, g_mean, g_var, (zeros, ones))
-        if g_y is not None:
-            grad = grad.add_(_affine(g_y, scale, None, (zeros, ones)))
+    def backward(ctx, g_y: torch.Tensor | None, g_m1: torch.Tensor | None,
+                 g_m2: torch.Tensor | None):  # type: ignore[override]
+        x, scale, zeros, ones = ctx.saved_tensors
+        if g_m1 is None and g_m2 is None:
+            grad = _affine(g_y, scale, None, (zeros, ones))
+        else:
+            grad = _moments_grad(x, g_m1, g_m2, (zeros, ones))
+            if g_y is not None:
+                grad = grad.add_(_affine(g_y, scale, None, (zeros, ones)))
         return grad, None, None, None, None
+
+
+def _mean_var(m1: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased var) from the raw moments (BN inputs are O(1) activations, so the
+    cancellation in E[x^2] - E[x]^2 is negligible in fp32)."""
+    return m1, (m2 - m1 * m1).clamp(min=0)
 
 
 def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance over (B, H, W) of x [B, C, H, W], in fp32 (also under
     bf16 autocast), differentiable with respect to x."""
-    return _ChannelMeanVar.apply(x if x.dtype in (torch.float32, torch.float64) else x.float())
+    return _mean_var(*_ChannelMoments.apply(x if x.dtype in (torch.float32, torch.float64) else x.float()))
 
 
 def _frozen_affine(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
@@ -131,9 +137,9 @@ class BNStatsRecorder:
     """Records (mean, biased var) over (B, H, W) of each selected BN layer's input.
 
     Inside `recording()` each selected layer's `forward` is replaced: a frozen layer on an fp32
-    input runs as `_FrozenBNWithStats` (the layer and its statistics fused); any other layer (in
-    training mode, bf16 input, another BN type) records `channel_mean_var` of its input and runs
-    its own forward. Outside `recording()` the layers are untouched and cost nothing extra.
+    input runs as `_FrozenBNWithMoments` (the layer and its input's moments fused); any other
+    layer (in training mode, bf16 input, another BN type) records the moments of its input and
+    runs its own forward. Outside `recording()` the layers are untouched and cost nothing extra.
     """
 
     def __init__(self, layers: list[tuple[str, nn.Module]]) -> None:
@@ -141,6 +147,7 @@ class BNStatsRecorder:
         self.modules = [m for _, m in layers]
         self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
         self._removed = False
+        self._recorded: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._affines: dict[int, tuple] = {}  # index -> (buffer versions, affine): reused while unchanged
 
     def _affine_of(self, index: int, module: nn.Module) -> tuple[torch.Tensor, ...] | None:
@@ -156,10 +163,10 @@ class BNStatsRecorder:
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if affine is not None and x.dtype == torch.float32:
-                y, mean, var = _FrozenBNWithStats.apply(x, *affine)
-                self.stats[index] = (mean, var)
+                y, m1, m2 = _FrozenBNWithMoments.apply(x, *affine)
+                self.stats[index] = (m1, m2)
                 return y
-            self.stats[index] = channel_mean_var(x)
+            self.stats[index] = _ChannelMoments.apply(x if x.dtype in (torch.float32, torch.float64) else x.float())
             return original(x)
         return forward
 
@@ -170,6 +177,7 @@ class BNStatsRecorder:
     @contextlib.contextmanager
     def recording(self) -> Iterator["BNStatsRecorder"]:
         self.stats = [None] * len(self.modules)
+        self._recorded = None
         if self._removed:
             yield self
             return
@@ -186,10 +194,17 @@ class BNStatsRecorder:
                     m.forward = previous
 
     def recorded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(mean, biased var) of each layer's input in the last `recording()` block, computed for
+        all layers at once from the recorded moments."""
         missing = [n for n, s in zip(self.names, self.stats) if s is None]
         if missing:
             raise RuntimeError(f"BN layers not reached by the forward pass: {missing[:3]}")
-        return self.stats  # type: ignore[return-value]
+        if self._recorded is None:
+            sizes = [m1.numel() for m1, _ in self.stats]  # type: ignore[union-attr]
+            means, variances = _mean_var(torch.cat([m1 for m1, _ in self.stats]),  # type: ignore[union-attr]
+                                         torch.cat([m2 for _, m2 in self.stats]))  # type: ignore[union-attr]
+            self._recorded = list(zip(means.split(sizes), variances.split(sizes)))
+        return self._recorded
 
     def remove(self) -> None:
         """Stop recording for good (later `recording()` blocks leave the layers alone)."""

@@ -8,10 +8,19 @@ from __future__ import annotations
 import torch
 
 
+BN_EPS = 1e-5  # in the normalised form's denominators (BatchNorm's default eps)
+
+
 def bn_loss(recorded: list[tuple[torch.Tensor, torch.Tensor]], running: list[tuple[torch.Tensor, torch.Tensor]],
             p: float = 2.0, mean_weight: float = 1.0, var_weight: float = 1.0,
-            layer_weights: list[float] | None = None) -> torch.Tensor:
+            layer_weights: list[float] | None = None, normalize: bool = False) -> torch.Tensor:
     """Sum over layers l of w_l * (mean_weight * ||mu_l - rm_l||_p + var_weight * ||var_l - rv_l||_p).
+
+    With `normalize` the differences are in units of the layer's typical running variance
+    s_l = mean over channels of rv_l (+ eps): ||mu_l - rm_l||_p / sqrt(s_l) and ||var_l - rv_l||_p / s_l,
+    so a layer's term does not scale with the size of its activations and one weight suits
+    different teachers. One scale per layer, not per channel: pretrained backbones carry dead
+    channels (running variance ~1e-45) that a per-channel division would blow up.
 
     Norms are not raised to the power p (the paper's formulation); mu/var are the batch statistics
     of each BN layer's input, rm/rv its running statistics. Computed for all layers at once (one
@@ -31,8 +40,13 @@ def bn_loss(recorded: list[tuple[torch.Tensor, torch.Tensor]], running: list[tup
         # An exact match is 0 with gradient 0 (not 0 * inf from the root at 0).
         return torch.where(sums > 0, sums.clamp_min(1e-30).pow(1.0 / p), torch.zeros_like(sums))
 
-    per_layer = (mean_weight * norms([m for m, _ in recorded], [m for m, _ in running])
-                 + var_weight * norms([v for _, v in recorded], [v for _, v in running]))
+    mean_norms = norms([m for m, _ in recorded], [m for m, _ in running])
+    var_norms = norms([v for _, v in recorded], [v for _, v in running])
+    if normalize:
+        rv = torch.cat([v for _, v in running]).float()
+        scale = torch.zeros(len(recorded), device=device).index_add_(0, layer, rv) / sizes + BN_EPS
+        mean_norms, var_norms = mean_norms / scale.sqrt(), var_norms / scale
+    per_layer = mean_weight * mean_norms + var_weight * var_norms
     return (weights * per_layer).sum()
 
 

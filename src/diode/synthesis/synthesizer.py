@@ -100,9 +100,10 @@ class Synthesizer:
         terms["task"] = self.teacher.weighted_loss(task_terms).float()
         recorded = self.recorder.recorded()
         bn = self.cfg.bn
-        terms["bn"] = bn_loss(recorded, running, bn.p, bn.mean_weight, bn.var_weight)
+        terms["bn"] = bn_loss(recorded, running, bn.p, bn.mean_weight, bn.var_weight, normalize=bn.normalize)
         if weights.bn_first or log:
-            terms["bn_first"] = bn_loss(recorded[:1], running[:1], bn.p, bn.mean_weight, bn.var_weight)
+            terms["bn_first"] = bn_loss(recorded[:1], running[:1], bn.p, bn.mean_weight, bn.var_weight,
+                                        normalize=bn.normalize)
         for name, fn in (("tv_l1", tv_l1), ("tv_l2", tv_l2), ("l2", image_l2)):
             if getattr(weights, name):
                 terms[name] = fn(images)

@@ -100,10 +100,14 @@ class RowResult:
 class Experiment:
     def __init__(self, out_dir: Path, profile_name: str, teacher_name: str = "shapes-teacher",
                  student_arch: str = "yolo-lite-s-p2", device: torch.device | str = "cpu", progress: bool = True,
-                 log=print) -> None:
-        if profile_name not in PROFILES:
+                 log=print, profile: Profile | None = None, command: str | None = None) -> None:
+        """`profile` (with any `profile_name` as its label) replaces the named profile; `command` is
+        recorded in every run folder (default: the `diode experiment` line)."""
+        if profile is None and profile_name not in PROFILES:
             raise DiodeError(f"--profile {profile_name!r}: valid profiles are {', '.join(PROFILES)}")
-        self.out, self.profile_name, self.profile = Path(out_dir), profile_name, PROFILES[profile_name]
+        self.out, self.profile_name = Path(out_dir), profile_name
+        self.profile = profile or PROFILES[profile_name]
+        self.command = command or f"diode experiment --profile {profile_name}"
         self.teacher_name, self.student_arch, self.device = teacher_name, student_arch, device
         self.progress, self.log = progress, log
         self.teacher, _ = load_detector(teacher_name, device=device)
@@ -139,11 +143,17 @@ class Experiment:
         recipe, overrides = SYNTH_ROWS[row.split("@")[0]]
         iterations = int(row.split("@")[1]) if "@" in row else (
             p.fast_iterations if recipe == "fast" else p.synth_iterations)
-        cfg = _synth_config(recipe, overrides, p, iterations)
-        summary = synthesize_dataset(self.teacher, self.teacher_name, cfg, self.out / "synthetic" / row,
-                                     p.transfer_images, seed=4000, command=f"diode experiment --profile {self.profile_name}",
+        return self.synthesize_transfer(row, recipe, overrides, iterations, seed=4000, count=count)
+
+    def synthesize_transfer(self, name: str, recipe: str, overrides: dict, iterations: int, seed: int,
+                            count: int) -> tuple[torch.Tensor, float, float | None]:
+        """Synthesise `profile.transfer_images` images with `recipe` rescaled to `iterations` in total into
+        `synthetic/<name>` (resumable); (the first `count` as uint8, synthesis seconds, teacher agreement)."""
+        cfg = _synth_config(recipe, overrides, self.profile, iterations)
+        summary = synthesize_dataset(self.teacher, self.teacher_name, cfg, self.out / "synthetic" / name,
+                                     self.profile.transfer_images, seed=seed, command=self.command,
                                      progress=self.progress)
-        images = load_transfer_set(str(self.out / "synthetic" / row), self.size, num_images=count, seed=0,
+        images = load_transfer_set(str(self.out / "synthetic" / name), self.size, num_images=count, seed=0,
                                    progress=False)
         return images, summary["synthesis_seconds"], summary["teacher_agreement"]
 
@@ -154,10 +164,7 @@ class Experiment:
         cache = self.out / "rows" / f"{key}.json"
         if cache.exists():
             return RowResult(**json.loads(cache.read_text()))
-        p = self.profile
-        (train_images, train_targets), (val_images, val_targets) = self._real()
-        cfg = TrainConfig(epochs=p.kd_epochs, batch_size=p.kd_batch, seed=seed, eval_every=p.kd_epochs,
-                          checkpoint_every=max(1, p.kd_epochs // 4))
+        (train_images, train_targets), _ = self._real()
         started = time.time()
         if row in ("real-kd", "real-labels"):
             images, seconds, agreement = train_images[:count], 0.0, None
@@ -165,14 +172,22 @@ class Experiment:
             images, seconds, agreement = self._transfer(row, count)
         self.log(f"row {row} (n={count}, seed {seed}): training the student on {len(images)} images")
         targets = train_targets[:count] if row == "real-labels" else None
-        metrics = train_student(self.teacher, self.student_arch, images, targets, val_images, val_targets, cfg,
-                                self.out / "students" / key, kd=self.kd, progress=self.progress,
-                                command=f"diode experiment --profile {self.profile_name}")
+        metrics = self.distil_student(key, images, seed, targets)
         result = RowResult(row, seed, metrics["map_50"], metrics["map"], len(images), seconds, agreement)
         atomic_write_json(cache, asdict(result))
         self.log(f"row {row} (n={count}, seed {seed}): student mAP@.5 {result.map_50:.3f} "
                  f"({time.time() - started:.0f} s)")
         return result
+
+    def distil_student(self, key: str, images: torch.Tensor, seed: int, targets: list | None = None) -> dict:
+        """A fresh student trained on `images` with the profile's KD budget into `students/<key>` (KD
+        from the teacher unless `targets`); its real-val metrics."""
+        p = self.profile
+        _, (val_images, val_targets) = self._real()
+        cfg = TrainConfig(epochs=p.kd_epochs, batch_size=p.kd_batch, seed=seed, eval_every=p.kd_epochs,
+                          checkpoint_every=max(1, p.kd_epochs // 4))
+        return train_student(self.teacher, self.student_arch, images, targets, val_images, val_targets, cfg,
+                             self.out / "students" / key, kd=self.kd, progress=self.progress, command=self.command)
 
     def run(self) -> list[dict]:
         p = self.profile

@@ -110,14 +110,16 @@ def cmd_detectors(args: argparse.Namespace) -> int:
 
 def _training_run(args: argparse.Namespace):
     """(output folder, TrainConfig) shared by train and distill; refuses to overwrite a run."""
-    from diode.config import TrainConfig
+    from diode.config import AugmentConfig, TrainConfig
 
     out = Path(args.out)
     if (out / "last.pt").exists() and not args.resume:
         raise DiodeError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
+    if not 0 <= args.mosaic <= 1:
+        raise DiodeError(f"--mosaic must be in [0, 1], got {args.mosaic}")
     try:
         return out, TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
-                                eval_every=args.eval_every)
+                                eval_every=args.eval_every, augment=AugmentConfig(mosaic_p=args.mosaic))
     except ValueError as exc:
         raise DiodeError(str(exc)) from None
 
@@ -439,6 +441,11 @@ def _add_trust_flag(parser: argparse.ArgumentParser) -> None:
                              "unpickling can run code, so only for files you trust")
 
 
+def _add_mosaic_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mosaic", type=float, default=0.0, metavar="P",
+                        help="probability that a training image is a 2x2 mosaic of four batch images (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diode", description="Data-free knowledge distillation of object detectors.")
     parser.add_argument("--version", action="version", version=f"diode {__version__}")
@@ -471,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate")
     train.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
     train.add_argument("--seed", type=int, default=0)
+    _add_mosaic_flag(train)
     train.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     train.add_argument("--init", help="start from this checkpoint's weights (fine-tuning) instead of random init")
     train.add_argument("--backbone-weights", metavar="PATH",
@@ -534,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     kd.add_argument("--lr", type=float, default=2e-3)
     kd.add_argument("--eval-every", type=int, default=1)
     kd.add_argument("--seed", type=int, default=0)
+    _add_mosaic_flag(kd)
     kd.add_argument("--resume", action="store_true")
     kd.add_argument("--device", default="auto")
     _add_trust_flag(kd)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -124,9 +126,17 @@ class Experiment:
 
     def _load_real(self):
         p = self.profile
-        root = generate_shapes(self.out / "data" / "real", train=p.transfer_images, val=p.val_images,
-                               image_size=self.size, seed=1000, progress=self.progress) \
-            if not (self.out / "data" / "real" / "data.yaml").exists() else self.out / "data" / "real"
+        root = self.out / "data" / "real"
+        if not (root / "data.yaml").exists():
+            # Generated aside and renamed into place: processes sharing this folder (one per seed,
+            # say) never read a half-written set; a process that loses the race uses the winner's.
+            scratch = root.with_name(f"real.tmp-{os.getpid()}")
+            generate_shapes(scratch, train=p.transfer_images, val=p.val_images, image_size=self.size, seed=1000,
+                            progress=self.progress)
+            try:
+                scratch.rename(root)
+            except OSError:
+                shutil.rmtree(scratch, ignore_errors=True)
         train, val = open_dataset(root / "train"), open_dataset(root / "val")
         return train.load_all(self.size), val.load_all(self.size)
 

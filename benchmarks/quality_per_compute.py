@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher", default="shapes-teacher")
     parser.add_argument("--out", required=True, help="work folder (cells cached here; rerun to resume)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--report-only", action="store_true",
+                        help="build the table from the cached cells only (missing cells are left out, not run): "
+                             "gathers cells computed by several processes, e.g. one per seed")
     return parser
 
 
@@ -143,10 +146,10 @@ def _markdown(table: dict) -> str:
              f"images per cell (synthesis batch {s['batch_size']}), {s['epochs']} KD epochs (batch "
              f"{s['kd_batch_size']}, {table['kd_methods']}), {s['val_images']} fresh real val images, "
              f"seeds {table['seeds']}.", "",
-             "| recipe | iterations / image | image-iterations | synthesis s | mAP@.5 | mAP@[.5:.95] |",
-             "|---|---|---|---|---|---|"]
+             "| recipe | iterations / image | image-iterations | seeds | synthesis s | mAP@.5 | mAP@[.5:.95] |",
+             "|---|---|---|---|---|---|---|"]
     for r in table["rows"]:
-        lines.append(f"| {r['recipe']} | {r['iterations']} | {r['image_iterations']} | "
+        lines.append(f"| {r['recipe']} | {r['iterations']} | {r['image_iterations']} | {len(r['seeds'])} | "
                      f"{r['synthesis_seconds_mean']:.1f} +- {r['synthesis_seconds_std']:.1f} | "
                      f"{r['map_50_mean']:.3f} +- {r['map_50_std']:.3f} | {r['map_mean']:.3f} +- {r['map_std']:.3f} |")
     lines.append("")
@@ -188,9 +191,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     exp = Experiment(out, "quality-per-compute", teacher_name=args.teacher, student_arch=args.student,
                      device=device, progress=sys.stderr.isatty(), log=log, profile=profile, command=command)
-    rows = [_row([_cell(exp, recipe, it, seed, log) for seed in args.seeds], args.num_images, args.batch_size)
-            for recipe in args.recipes for it in sorted(set(budgets[recipe]))]
-    table = {"command": command, "machine": _machine(device), "settings": settings, "seeds": list(args.seeds),
+    rows = []
+    for recipe in args.recipes:
+        for it in sorted(set(budgets[recipe])):
+            if args.report_only:
+                paths = [out / "cells" / f"{recipe}@{it}__seed{seed}.json" for seed in args.seeds]
+                cells = [json.loads(p.read_text()) for p in paths if p.exists()]
+            else:
+                cells = [_cell(exp, recipe, it, seed, log) for seed in args.seeds]
+            if cells:
+                rows.append(_row(cells, args.num_images, args.batch_size))
+    seeds_found = sorted({seed for r in rows for seed in r["seeds"]})
+    table = {"command": command, "machine": _machine(device), "settings": settings,
+             "seeds": seeds_found if args.report_only else list(args.seeds),
              "kd_methods": ", ".join(exp.kd.methods), "rows": rows, "verdict": _verdict(rows)}
     atomic_write_json(out / "table.json", table)
     atomic_write_text(out / "table.md", _markdown(table))

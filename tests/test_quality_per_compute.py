@@ -45,7 +45,7 @@ def test_rows_verdict_tables_and_cached_rerun(tmp_path, bench, capsys, monkeypat
         assert verdict["iteration_fraction"] == verdict["fast_match"]["iterations"] / 4
     assert json.loads((tmp_path / "table.json").read_text()) == table
     md = (tmp_path / "table.md").read_text()
-    assert "benchmarks/quality_per_compute.py" in md and "| fast | 4 |" in md and "torch" in md
+    assert "benchmarks/quality_per_compute.py" in md and "| fast | 4 | 16 | 1 |" in md and "torch" in md
     # A second run reads every cell from its cache: nothing is synthesised or distilled again.
     cells = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.json")}
     assert len(cells) == 4
@@ -58,6 +58,11 @@ def test_rows_verdict_tables_and_cached_rerun(tmp_path, bench, capsys, monkeypat
     again = bench.main(_argv(tmp_path))
     assert again["rows"] == table["rows"]
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.json")} == cells
+    # --report-only gathers the cached cells and leaves missing ones out (here: a seed never run).
+    (tmp_path / "cells" / "fast@4__seed0.json").unlink()
+    report = bench.main(_argv(tmp_path) + ["--report-only", "--seeds", "0", "7"])
+    assert [(r["recipe"], r["iterations"]) for r in report["rows"]] == [("paper", 2), ("paper", 4), ("fast", 2)]
+    assert report["seeds"] == [0] and report["rows"][0]["per_seed"] == table["rows"][0]["per_seed"]
 
 
 def test_other_settings_in_the_same_folder_are_refused(tmp_path, bench):

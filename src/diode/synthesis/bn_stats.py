@@ -43,8 +43,12 @@ def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
             zeros_ones: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """x * scale + shift per channel, through eval-mode batch_norm with mean 0, var 1, eps 0: one
-    pass with the BN kernel, several times faster on the CPU than broadcast mul/addcmul."""
+    """x * scale + shift per channel in one pass. On the CPU through eval-mode batch_norm with
+    mean 0, var 1, eps 0 (several times faster there than broadcast mul/addcmul); elsewhere
+    (CUDA's batch_norm refuses eps 0) one broadcast multiply-add kernel."""
+    if x.device.type != "cpu":
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return x * scale.view(view) if shift is None else torch.addcmul(shift.view(view), x, scale.view(view))
     zeros, ones = zeros_ones or (torch.zeros_like(scale), torch.ones_like(scale))
     return F.batch_norm(x, zeros, ones, scale, shift, False, 0.0, 0.0)
 

@@ -24,7 +24,7 @@ if [ "$SCALE" = small ]; then
   B=4; BIG=4; IT=2; R=1; KD=64; SIZE="64 64"
   N=4; SB=4; EP=1; VAL=8; PAPER=4; MIX=2; FAST="1 2"; QT=300; MBN=4; MBEP=1; MBIT="--iterations 2"
 else
-  B=64; BIG=32; IT=20; R=3; KD=4096; SIZE="320 320"
+  B=64; BIG=32; IT=${BENCH_IT:-20}; R=${BENCH_ROUNDS:-3}; KD=${KD_IMAGES:-4096}; SIZE="320 320"
   N=128; SB=128; EP=100; VAL=500; PAPER=4000; MIX=1000; FAST="250 500 1000"; QT=${QPC_SECONDS:-400}; MBN=256; MBEP=100; MBIT=""
 fi
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/suite.log"; }

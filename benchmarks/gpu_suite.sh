@@ -62,7 +62,7 @@ for d in ("cpu", dev):
     for p in t.parameters():
         p.requires_grad_(False)
     rec = BNStatsRecorder(t.bn_layers())
-    x = x0.to(d).requires_grad_(True)
+    x = x0.detach().clone().to(d).requires_grad_(True)
     with rec.recording(), t.loss_mode():
         task = t.weighted_loss(t.loss(x, targets))
     stats = rec.recorded()

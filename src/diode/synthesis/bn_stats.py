@@ -41,16 +41,19 @@ def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return flat.mean(2).mean(0), (flat * flat).mean(2).mean(0)
 
 
+_NO_EPS = 1e-30  # 1 + 1e-30 == 1 in fp32 and fp64: the division by sqrt(var + eps) is exact
+
+
 def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
             zeros_ones: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x * scale + shift per channel in one pass. On the CPU through eval-mode batch_norm with
-    mean 0, var 1, eps 0 (several times faster there than broadcast mul/addcmul); elsewhere
-    (CUDA's batch_norm refuses eps 0) one broadcast multiply-add kernel."""
+    mean 0, var 1 and an eps that vanishes next to 1 in floating point (batch_norm wants eps > 0;
+    several times faster there than broadcast mul/addcmul); elsewhere one multiply-add kernel."""
     if x.device.type != "cpu":
         view = (1, -1) + (1,) * (x.dim() - 2)
         return x * scale.view(view) if shift is None else torch.addcmul(shift.view(view), x, scale.view(view))
     zeros, ones = zeros_ones or (torch.zeros_like(scale), torch.ones_like(scale))
-    return F.batch_norm(x, zeros, ones, scale, shift, False, 0.0, 0.0)
+    return F.batch_norm(x, zeros, ones, scale, shift, False, 0.0, _NO_EPS)
 
 
 def _moments_grad(x: torch.Tensor, g_m1: torch.Tensor | None, g_m2: torch.Tensor | None,

@@ -9,6 +9,7 @@ both alike; prints JSON (`ratio` = median synthesis iteration time / median bare
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -37,6 +38,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--channels-last", action="store_true", help="teacher and images in channels_last")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also time the loop with the augmentation, tv_l1 or the BN statistics replaced by "
+                             "no-ops (key `ablation`: each part's share of a teacher pass)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -78,14 +82,20 @@ def main() -> None:
         _sync(device)
         return (time.perf_counter() - t0) / args.iterations
 
-    bare(), full()  # warm-up (allocator, kernels)
+    variants = {"bare": bare, "full": full}
+    if args.ablate:
+        variants.update(_ablations(synth, targets, image_size, gen, images, args.iterations, device))
+    for fn in variants.values():  # warm-up (allocator, kernels)
+        fn()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bare_times, full_times = [], []
+    times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.rounds):
-        bare_times.append(bare())
-        full_times.append(full())
-    b, f = statistics.median(bare_times), statistics.median(full_times)
+        for name, fn in variants.items():
+            times[name].append(fn())
+    b, f = statistics.median(times["bare"]), statistics.median(times["full"])
+    ablation = {name[3:]: round((f - statistics.median(times[name])) / b, 4) for name in times
+                if name.startswith("no-")} or None
     print(json.dumps({
         "ratio": round(f / b, 4),
         "bare_forward_backward_s": round(b, 5),
@@ -96,7 +106,47 @@ def main() -> None:
         "precision": args.precision, "device": str(device), "torch": torch.__version__,
         "channels_last": args.channels_last, "threads": torch.get_num_threads(),
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "ablation": ablation,
     }))
+
+
+def _ablations(synth: Synthesizer, targets, image_size, gen, images, iterations: int, device: torch.device) -> dict:
+    """The same loop with one part replaced by a no-op; (full - variant) / bare is that part's cost."""
+    import diode.synthesis.synthesizer as module
+
+    def timed(patch):
+        def run() -> float:
+            restore = patch()
+            try:
+                _sync(device)
+                t0 = time.perf_counter()
+                synth.synthesize(targets, image_size, gen, init=images)
+                _sync(device)
+                return (time.perf_counter() - t0) / iterations
+            finally:
+                restore()
+        return run
+
+    def swap(name, value):
+        def patch():
+            old = getattr(module, name)
+            setattr(module, name, value)
+            return lambda: setattr(module, name, old)
+        return patch
+
+    def no_bn():  # statistics not recorded: the BN term is computed from the running values (no gradient)
+        recorder = synth.recorder
+        old_recording, old_recorded = recorder.recording, recorder.recorded
+        recorder.recording = contextlib.nullcontext
+        recorder.recorded = lambda: [(m.clone(), v.clone()) for m, v in recorder.running()]
+
+        def restore() -> None:
+            recorder.recording, recorder.recorded = old_recording, old_recorded
+        return restore
+
+    return {"no-augmentation": timed(swap("augment_synthesis", lambda im, t, cfg, jitter, g: (im, t))),
+            "no-tv_l1": timed(swap("tv_l1", lambda im: im.sum() * 0.0)),
+            "no-bn_statistics": timed(no_bn)}
 
 
 if __name__ == "__main__":

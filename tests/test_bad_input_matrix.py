@@ -187,7 +187,7 @@ CASES = [
          make=checkpoint(lambda c: c["state_dict"])),
     Case("checkpoint-weights-of-other-arch", SYN_MODEL, "weights do not match",
          make=checkpoint(lambda c: {**c, "arch": "yolo-lite-s"})),
-    Case("checkpoint-unknown-arch", SYN_MODEL, "unknown detector 'no-such-arch'",
+    Case("checkpoint-unknown-arch", SYN_MODEL, "x.pt: unknown detector 'no-such-arch'",
          make=checkpoint(lambda c: {**c, "arch": "no-such-arch"})),
     Case("checkpoint-needs-unpickling-init", TRAIN + " --init {tmp}/x.pt", "--trust-checkpoint",
          make=lambda tmp, ws: torch.save({"format": FORMAT, "weights": _Opaque()}, tmp / "x.pt")),

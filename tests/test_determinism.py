@@ -74,3 +74,29 @@ def test_train_twice_gives_identical_weights(workspace: Path, tmp_path: Path) ->
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert (tmp_path / "a" / "history.json").read_text() == (tmp_path / "b" / "history.json").read_text()
+
+
+def test_deterministic_flag_runs_in_deterministic_mode_and_restores_it(workspace: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`diode --deterministic ...` runs the command under torch.use_deterministic_algorithms(True)
+    (every operation synthesis uses has a deterministic kernel: none raises), gives the same files
+    as without the flag on the CPU, and leaves the mode as it found it."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen = []
+    from diode.synthesis.synthesizer import Synthesizer
+
+    original = Synthesizer.synthesize
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Synthesizer, "synthesize", spy)
+    plain = _synthesize(workspace, tmp_path / "plain", seed=5)
+    assert main(["--deterministic", "synthesize", "--teacher", str(workspace / "teacher.pt"), "--out",
+                 str(tmp_path / "det"), "--num-images", "3", "--recipe", str(workspace / "recipe.yaml"), "--seed", "5",
+                 "--quiet", "--device", "cpu"]) == 0
+    assert _dataset_files(tmp_path / "det") == plain
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert __import__("os").environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8"
+    assert seen == [False] * 2 + [True] * 2  # batch size 2: two batches per run

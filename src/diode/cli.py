@@ -12,6 +12,7 @@ import argparse
 import collections
 import errno
 import json
+import os
 import shlex
 import sys
 import traceback
@@ -450,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diode", description="Data-free knowledge distillation of object detectors.")
     parser.add_argument("--version", action="version", version=f"diode {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="PyTorch's deterministic mode (bit-identical reruns on the same GPU model; "
+                             "docs/determinism.md); an operation without a deterministic kernel is an error")
     sub = parser.add_subparsers(dest="command_name", required=True)
 
     data = sub.add_parser("data", help="generate datasets")
@@ -578,6 +582,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command = _command_line(argv)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if args.deterministic:
+        # cuBLAS needs this before its first matrix product to be deterministic.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     try:
         folder = _locked_output(args)
         if folder is None:
@@ -609,3 +618,5 @@ def main(argv: list[str] | None = None) -> int:
             print(f"diode: error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                   f"(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        torch.use_deterministic_algorithms(deterministic)

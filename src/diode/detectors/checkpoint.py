@@ -122,8 +122,8 @@ def _build(payload: dict[str, Any], path: Path) -> Detector:
         detector = build_detector(payload["arch"], class_names=payload["class_names"],
                                   image_size=tuple(payload["image_size"]))
     except (ValueError, TypeError) as exc:
-        if isinstance(exc, DiodeError):
-            raise
+        if isinstance(exc, DiodeError):  # e.g. an architecture this version does not know: name the file
+            raise DiodeError(exc if str(path) in str(exc) else f"{path}: {exc}") from None
         raise DiodeError(f"{path}: invalid checkpoint metadata ({str(exc).splitlines()[0][:160]})") from None
     try:
         detector.load_state_dict(payload["state_dict"])

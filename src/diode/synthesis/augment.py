@@ -1,9 +1,9 @@
 """Differentiable, box-aware augmentation of the images being synthesised (METHOD.md section 1).
 
 Re-sampled every iteration and vectorised over the batch: roll jitter and horizontal flip (one
-pixel permutation, a single gather each way), optional zoom, brightness, contrast and random erasing. Boxes follow the
-geometry: shifted (and flipped / scaled), clamped to the image, dropped when their area falls
-below 1 px^2. Gradients flow to the input pixels through every operation.
+pixel permutation, a single gather each way), optional zoom, brightness, contrast and random
+erasing (one per-pixel multiply-add). Boxes follow the geometry: shifted (and flipped / scaled),
+clamped to the image, dropped when their area falls below 1 px^2. Gradients flow to the input pixels through every operation.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ class _PermutePixels(torch.autograd.Function):
     `index` [B, H*W]; the gradient is the gather with the inverse permutation (no scatter-add)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor,  # type: ignore[override]
+                inverse: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(inverse)
         return _gather_pixels(x, index)
 

@@ -120,9 +120,9 @@ def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _frozen_affine(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
-    """(scale, shift, zeros, ones) of a BN layer that acts as a fixed per-channel affine map right now (eval-mode
-    BatchNorm2d with running statistics, or FrozenBatchNorm2d, no parameter requiring a gradient),
-    else None."""
+    """(scale, shift, zeros, ones) of a BN layer that acts as a fixed per-channel affine map right
+    now (eval-mode BatchNorm2d with running statistics, or FrozenBatchNorm2d, no parameter requiring
+    a gradient), else None."""
     if isinstance(module, nn.BatchNorm2d):
         if module.training or module.running_mean is None:
             return None

@@ -122,10 +122,11 @@ def test_output_stays_in_unit_range_and_inputs_untouched() -> None:
     assert all(torch.equal(t["boxes"], b) for t, b in zip(targets, boxes_before))
 
 
-def test_same_seed_same_output() -> None:
-    images = torch.rand(4, 3, H, W, generator=_gen(8))
-    targets = [_target([[10, 10, 50, 50], [60, 5, 90, 30]], [1, 2]) for _ in range(4)]
-    cfg = AugmentConfig()
+@pytest.mark.parametrize("batch, seed, mosaic_p", [(4, 8, 0.0), (5, 10, 0.8)], ids=["plain", "mosaic"])
+def test_same_seed_same_output(batch: int, seed: int, mosaic_p: float) -> None:
+    images = torch.rand(batch, 3, H, W, generator=_gen(seed))
+    targets = [_target([[10, 10, 50, 50], [60, 5, 90, 30]], [1, 2]) for _ in range(batch)]
+    cfg = AugmentConfig(mosaic_p=mosaic_p)
     out_a, new_a = augment_batch(images, targets, cfg, _gen(11))
     out_b, new_b = augment_batch(images, targets, cfg, _gen(11))
     out_c, _ = augment_batch(images, targets, cfg, _gen(12))

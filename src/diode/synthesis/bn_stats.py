@@ -113,10 +113,15 @@ def _mean_var(m1: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return m1, (m2 - m1 * m1).clamp(min=0)
 
 
+def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_ChannelMoments` of x in fp32 at least (also under bf16 autocast)."""
+    return _ChannelMoments.apply(x if x.dtype in (torch.float32, torch.float64) else x.float())
+
+
 def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance over (B, H, W) of x [B, C, H, W], in fp32 (also under
     bf16 autocast), differentiable with respect to x."""
-    return _mean_var(*_ChannelMoments.apply(x if x.dtype in (torch.float32, torch.float64) else x.float()))
+    return _mean_var(*_channel_moments(x))
 
 
 def _frozen_affine(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
@@ -173,7 +178,7 @@ class BNStatsRecorder:
                 y, m1, m2 = _FrozenBNWithMoments.apply(x, *affine)
                 self.stats[index] = (m1, m2)
                 return y
-            self.stats[index] = _ChannelMoments.apply(x if x.dtype in (torch.float32, torch.float64) else x.float())
+            self.stats[index] = _channel_moments(x)
             return original(x)
         return forward
 

@@ -140,6 +140,7 @@ class TargetConfig:
     sampler: str = "one-box"  # one-box (paper), multi-box, or dataset (layout from real labels)
     min_side: float = 0.2  # box side range as a fraction of the image side
     max_side: float = 0.8
+    max_aspect: float | None = None  # cap on a box's long side / short side (None: the paper's no cap)
     boxes_per_image: tuple[int, int] = (1, 4)  # multi-box: boxes per image range
     max_iou: float = 0.3  # multi-box: max IoU between boxes of one image
     dataset: str = ""  # sampler=dataset: the labelled dataset whose layouts are used
@@ -150,6 +151,8 @@ class TargetConfig:
         if not 0 < self.min_side <= self.max_side <= 1:
             raise ValueError(f"targets.min_side/max_side must satisfy 0 < min <= max <= 1, got "
                              f"{self.min_side}, {self.max_side}")
+        if self.max_aspect is not None and not self.max_aspect >= 1:
+            raise ValueError(f"targets.max_aspect must be >= 1 or null, got {self.max_aspect}")
         if self.sampler == "dataset" and not self.dataset:
             raise ValueError("targets.dataset must name a dataset when targets.sampler is 'dataset'")
 

@@ -48,6 +48,32 @@ def test_one_box_geometry_and_labels(image_size: tuple[int, int]) -> None:
     assert set(labels.tolist()) == set(range(5))
 
 
+@pytest.mark.parametrize("sampler", ["one-box", "multi-box"])
+def test_max_aspect_caps_the_long_side_within_the_range(sampler: str) -> None:
+    options = {"min_side": 0.2, "max_side": 0.8}
+    free = make_sampler(sampler, **options)(300, (64, 96), 4, gen(3))
+    capped = make_sampler(sampler, max_aspect=1.5, **options)(300, (64, 96), 4, gen(3))
+
+    def sides(targets):
+        boxes = torch.cat([t["boxes"] for t in targets])
+        return boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+
+    w, h = sides(free)
+    assert (torch.maximum(w / h, h / w) > 2).any()  # without the cap, elongated boxes occur
+    w, h = sides(capped)
+    assert (torch.maximum(w / h, h / w) <= 1.5 + 1e-5).all()
+    assert (w >= 0.2 * 96 - 1e-3).all() and (h >= 0.2 * 64 - 1e-3).all()
+    assert (w <= 0.8 * 96 + 1e-3).all() and (h <= 0.8 * 64 + 1e-3).all()
+    if sampler == "one-box":  # same draws: a box already within the cap is unchanged
+        for a, b in zip(free, capped):
+            bw, bh = a["boxes"][0, 2] - a["boxes"][0, 0], a["boxes"][0, 3] - a["boxes"][0, 1]
+            if max(bw / bh, bh / bw) <= 1.5:
+                assert torch.equal(a["boxes"], b["boxes"])
+            assert torch.equal(a["labels"], b["labels"])
+    with pytest.raises(DiodeError, match="max_aspect"):
+        sample_one_box(2, (32, 32), 3, gen(), max_aspect=0.5)
+
+
 def test_one_box_same_seed_same_targets() -> None:
     a = sample_one_box(8, (32, 48), 3, gen(7))
     b = sample_one_box(8, (32, 48), 3, gen(7))

@@ -111,7 +111,8 @@ class SynthesisRun:
             if self.layout_source.class_names != teacher.class_names:
                 raise DiodeError(f"{cfg.targets.dataset}: its classes differ from the teacher's")
         else:
-            kwargs = {"min_side": cfg.targets.min_side, "max_side": cfg.targets.max_side}
+            kwargs = {"min_side": cfg.targets.min_side, "max_side": cfg.targets.max_side,
+                      "max_aspect": cfg.targets.max_aspect}
             if cfg.targets.sampler == "multi-box":
                 kwargs.update(boxes_per_image=tuple(cfg.targets.boxes_per_image), max_iou=cfg.targets.max_iou)
             self.sampler = make_sampler(cfg.targets.sampler, **kwargs)

@@ -42,13 +42,26 @@ def _check_sides(min_side: float, max_side: float) -> None:
         )
 
 
+def _check_aspect(max_aspect: float | None) -> None:
+    if max_aspect is not None and not max_aspect >= 1.0:
+        raise DiodeError(f"max_aspect must be >= 1 (long side / short side) or None, got {max_aspect}")
+
+
 def _random_boxes(
-    n: int, height: int, width: int, min_side: float, max_side: float, gen: torch.Generator
+    n: int, height: int, width: int, min_side: float, max_side: float, gen: torch.Generator,
+    max_aspect: float | None = None,
 ) -> torch.Tensor:
-    """``n`` xyxy boxes ``[n, 4]`` with sides U(min_side, max_side) of the image side, inside it."""
+    """``n`` xyxy boxes ``[n, 4]`` with sides U(min_side, max_side) of the image side, inside it.
+
+    With ``max_aspect`` the longer side (in pixels) is shortened to at most ``max_aspect`` times
+    the shorter one, so both sides stay within the range; the draws are the same either way.
+    """
     u = torch.rand((n, 4), generator=gen)
     box_w = (min_side + (max_side - min_side) * u[:, 0]) * width
     box_h = (min_side + (max_side - min_side) * u[:, 1]) * height
+    if max_aspect is not None:
+        box_w = torch.minimum(box_w, box_h * max_aspect)
+        box_h = torch.minimum(box_h, box_w * max_aspect)
     # Top-left uniform over the positions that keep the whole box inside the image.
     x1 = u[:, 2] * (width - box_w)
     y1 = u[:, 3] * (height - box_h)
@@ -63,16 +76,19 @@ def sample_one_box(
     *,
     min_side: float = 0.2,
     max_side: float = 0.8,
+    max_aspect: float | None = None,
     device: torch.device | str = "cpu",
 ) -> list[Target]:
     """The paper's one-box sampling: one box of a uniformly drawn class per image.
 
-    Width and height are independently U(min_side, max_side) times the image width / height;
+    Width and height are independently U(min_side, max_side) times the image width / height
+    (the longer then capped at ``max_aspect`` times the shorter, if given; the paper has no cap);
     the box position is uniform over the positions that keep it inside the image.
     """
     height, width = _check_common(batch_size, image_size, num_classes)
     _check_sides(min_side, max_side)
-    boxes = _random_boxes(batch_size, height, width, min_side, max_side, gen)  # [B, 4]
+    _check_aspect(max_aspect)
+    boxes = _random_boxes(batch_size, height, width, min_side, max_side, gen, max_aspect)  # [B, 4]
     labels = torch.randint(num_classes, (batch_size,), generator=gen)  # [B]
     boxes, labels = boxes.to(device), labels.to(device)
     return [{"boxes": boxes[i : i + 1], "labels": labels[i : i + 1]} for i in range(batch_size)]
@@ -89,6 +105,7 @@ def sample_multi_box(
     max_side: float = 0.5,
     max_iou: float = 0.3,
     max_tries: int = 20,
+    max_aspect: float | None = None,
     device: torch.device | str = "cpu",
 ) -> list[Target]:
     """Several boxes per image, mutually overlapping by at most ``max_iou``, balanced classes.
@@ -101,6 +118,7 @@ def sample_multi_box(
     """
     height, width = _check_common(batch_size, image_size, num_classes)
     _check_sides(min_side, max_side)
+    _check_aspect(max_aspect)
     lo, hi = (int(k) for k in boxes_per_image)
     if not 0 <= lo <= hi:
         raise DiodeError(f"boxes_per_image must be (lo, hi) with 0 <= lo <= hi, got {(lo, hi)}")
@@ -115,7 +133,7 @@ def sample_multi_box(
         placed = torch.zeros((0, 4))
         for _ in range(k):
             # All tries drawn at once; the first one that fits is taken.
-            candidates = _random_boxes(max_tries, height, width, min_side, max_side, gen)
+            candidates = _random_boxes(max_tries, height, width, min_side, max_side, gen, max_aspect)
             if len(placed):
                 fits = box_iou(candidates, placed).amax(dim=1) <= max_iou
                 if not fits.any():

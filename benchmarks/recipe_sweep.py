@@ -1,6 +1,7 @@
 """Synthesis recipe sweep: teacher and verifier agreement of small synthesised sets per variant.
 
-Each variant is a recipe name plus overrides (`stage` overrides apply to every stage); all run in
+Each variant is a recipe (default: the pinned `sweep_base.yaml` next to this script, so a variant
+does not change meaning when `fast` does) plus overrides (`stage` overrides apply to every stage); all run in
 one process on the same teacher, targets seed and image count. Prints one JSON line per variant
 (and appends it to --out). The `fast` recipe's values were chosen from such sweeps (results/).
 
@@ -24,6 +25,9 @@ from diode.pipeline import synthesize_dataset
 from diode.synthesis.recipes import build_config, load_recipe
 
 
+SWEEP_BASE = Path(__file__).with_name("sweep_base.yaml")
+
+
 def _merge(base: dict, over: dict) -> None:
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -34,7 +38,7 @@ def _merge(base: dict, over: dict) -> None:
 
 def variant_config(spec: dict, batch_size: int | None, iteration_scale: float = 1.0):
     spec = copy.deepcopy(spec)
-    raw = load_recipe(spec.pop("recipe", "fast"))
+    raw = load_recipe(spec.pop("recipe", str(SWEEP_BASE)))
     iterations = spec.pop("iterations", None) or sum(s.get("iterations", 0) for s in raw["stages"])
     iterations = max(len(raw["stages"]), round(iterations * iteration_scale))
     stage = spec.pop("stage", None)

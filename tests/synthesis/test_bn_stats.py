@@ -264,6 +264,14 @@ def test_yolo_lite_every_bn_found_and_glob() -> None:
                for (m, v), (_, layer) in zip(stats, layers))
     mu, var = manual_stats(teacher.stem[0](x))  # the first BN's input is the stem conv output
     assert torch.allclose(stats[0][0], mu, atol=1e-5) and torch.allclose(stats[0][1], var, atol=1e-5)
+    # Another input size (a multi-resolution stage) and batch: each layer's count follows it.
+    for size, batch in ((32, 3), (64, 2)):
+        x = torch.rand(batch, 3, size, size)
+        with recorder.recording():
+            teacher(x)
+        mu, var = manual_stats(teacher.stem[0](x))
+        first = recorder.recorded()[0]
+        assert torch.allclose(first[0], mu, atol=1e-5) and torch.allclose(first[1], var, atol=1e-5)
     recorder.remove()
 
 
@@ -291,6 +299,6 @@ def test_fused_frozen_bn_gradcheck() -> None:
     assert torch.autograd.gradcheck(fn, (x,))
     for k in range(3):
         assert torch.autograd.gradcheck(lambda x: fn(x)[k], (x,))
-    y, m1, m2 = fn(x)
+    y, s, h = fn(x)  # the layer, and the per-channel sum of x and half sum of x^2 (normalised later)
     assert torch.allclose(y, x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
-    assert torch.allclose(m1, x.mean((0, 2, 3))) and torch.allclose(m2, (x * x).mean((0, 2, 3)))
+    assert torch.allclose(s, x.sum((0, 2, 3))) and torch.allclose(h, (x * x).sum((0, 2, 3)) / 2)

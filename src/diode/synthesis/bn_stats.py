@@ -36,9 +36,11 @@ def select_bn_layers(layers: list[tuple[str, nn.Module]], selection: str | int |
 
 
 def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel raw moments (E[x], E[x^2]) over (B, H, W) of x [B, C, H, W]."""
+    """Per-channel sum of x and half the sum of x^2 over (B, H, W) of x [B, C, H, W]: unnormalised,
+    so each is two reductions (sum over H W, then over B) and the gradient of the pair is just
+    g_s + g_h * x; the division by the count is done once for all layers (`_mean_var`)."""
     flat = x.flatten(2) if x.is_contiguous() else x.reshape(x.shape[0], x.shape[1], -1)
-    return flat.mean(2).mean(0), (flat * flat).mean(2).mean(0)
+    return flat.sum(2).sum(0), torch.mul(flat, flat).sum(2).sum(0).mul_(0.5)
 
 
 _NO_EPS = 1e-30  # 1 + 1e-30 == 1 in fp32 and fp64: the division by sqrt(var + eps) is exact
@@ -56,18 +58,17 @@ def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
     return F.batch_norm(x, zeros, ones, scale, shift, False, 0.0, _NO_EPS)
 
 
-def _moments_grad(x: torch.Tensor, g_m1: torch.Tensor | None, g_m2: torch.Tensor | None,
+def _moments_grad(x: torch.Tensor, g_s: torch.Tensor | None, g_h: torch.Tensor | None,
                   zeros_ones: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """d(E[x], E[x^2])/dx contracted with (g_m1, g_m2): g_m1 / n + (2 g_m2 / n) x, n = B H W."""
-    n = x.numel() // x.shape[1]
-    like = g_m1 if g_m1 is not None else g_m2
-    g_m1 = torch.zeros_like(like) if g_m1 is None else g_m1
-    g_m2 = torch.zeros_like(like) if g_m2 is None else g_m2
-    return _affine(x, g_m2 * (2.0 / n), g_m1 * (1.0 / n), zeros_ones)
+    """d(sum x, sum x^2 / 2)/dx contracted with (g_s, g_h): g_s + g_h x, one pass."""
+    like = g_s if g_s is not None else g_h
+    g_s = torch.zeros_like(like) if g_s is None else g_s
+    g_h = torch.zeros_like(like) if g_h is None else g_h
+    return _affine(x, g_h, g_s, zeros_ones)
 
 
 class _ChannelMoments(torch.autograd.Function):
-    """Per-channel (E[x], E[x^2]) with the gradient written out (`_moments_grad`, one pass).
+    """Per-channel (sum x, sum x^2 / 2) with the gradient written out (`_moments_grad`, one pass).
     Several times faster on the CPU than ``torch.var_mean`` forward + backward."""
 
     @staticmethod
@@ -76,9 +77,9 @@ class _ChannelMoments(torch.autograd.Function):
         return _moments(x)
 
     @staticmethod
-    def backward(ctx, g_m1: torch.Tensor, g_m2: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, g_s: torch.Tensor, g_h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        return _moments_grad(x, g_m1, g_m2)
+        return _moments_grad(x, g_s, g_h)
 
 
 class _FrozenBNWithMoments(torch.autograd.Function):
@@ -95,33 +96,34 @@ class _FrozenBNWithMoments(torch.autograd.Function):
         return (_affine(x, scale, shift, (zeros, ones)),) + _moments(x)
 
     @staticmethod
-    def backward(ctx, g_y: torch.Tensor | None, g_m1: torch.Tensor | None,
-                 g_m2: torch.Tensor | None):  # type: ignore[override]
+    def backward(ctx, g_y: torch.Tensor | None, g_s: torch.Tensor | None,
+                 g_h: torch.Tensor | None):  # type: ignore[override]
         x, scale, zeros, ones = ctx.saved_tensors
-        if g_m1 is None and g_m2 is None:
+        if g_s is None and g_h is None:
             grad = _affine(g_y, scale, None, (zeros, ones))
         else:
-            grad = _moments_grad(x, g_m1, g_m2, (zeros, ones))
+            grad = _moments_grad(x, g_s, g_h, (zeros, ones))
             if g_y is not None:  # in place: a second activation-size temporary costs more than the add
                 grad = grad.addcmul_(g_y, scale.view((1, -1) + (1,) * (x.dim() - 2)))
         return grad, None, None, None, None
 
 
-def _mean_var(m1: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased var) from the raw moments (BN inputs are O(1) activations, so the
-    cancellation in E[x^2] - E[x]^2 is negligible in fp32)."""
-    return m1, (m2 - m1 * m1).clamp(min=0)
+def _mean_var(s: torch.Tensor, h: torch.Tensor, inv_n: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased var) from the sums of `_moments` and 1 / count (per channel or one number).
+    BN inputs are O(1) activations, so the cancellation in E[x^2] - E[x]^2 is negligible in fp32."""
+    mean = s * inv_n
+    return mean, (h * (2 * inv_n) - mean * mean).clamp_(min=0)
 
 
 def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_ChannelMoments` of x in fp32 at least (also under bf16 autocast)."""
+    """`_ChannelMoments` (sums) of x in fp32 at least (also under bf16 autocast)."""
     return _ChannelMoments.apply(x if x.dtype in (torch.float32, torch.float64) else x.float())
 
 
 def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance over (B, H, W) of x [B, C, H, W], in fp32 (also under
     bf16 autocast), differentiable with respect to x."""
-    return _mean_var(*_channel_moments(x))
+    return _mean_var(*_channel_moments(x), 1.0 / (x.numel() // x.shape[1]))
 
 
 def _frozen_affine(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
@@ -157,7 +159,9 @@ class BNStatsRecorder:
     def __init__(self, layers: list[tuple[str, nn.Module]]) -> None:
         self.names = [n for n, _ in layers]
         self.modules = [m for _, m in layers]
-        self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
+        self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)  # `_moments` sums
+        self.counts: list[int] = [0] * len(layers)  # elements per channel behind each layer's sums
+        self._inv_counts: dict[tuple, torch.Tensor] = {}  # (device, counts) -> 1 / count per channel
         self._removed = False
         self._recorded: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._affines: dict[int, tuple] = {}  # index -> (buffer versions, affine): reused while unchanged
@@ -174,9 +178,10 @@ class BNStatsRecorder:
         affine = self._affine_of(index, module)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
+            self.counts[index] = x.numel() // x.shape[1]
             if affine is not None and x.dtype == torch.float32:
-                y, m1, m2 = _FrozenBNWithMoments.apply(x, *affine)
-                self.stats[index] = (m1, m2)
+                y, s, h = _FrozenBNWithMoments.apply(x, *affine)
+                self.stats[index] = (s, h)
                 return y
             self.stats[index] = _channel_moments(x)
             return original(x)
@@ -212,9 +217,14 @@ class BNStatsRecorder:
         if missing:
             raise RuntimeError(f"BN layers not reached by the forward pass: {missing[:3]}")
         if self._recorded is None:
-            sizes = [m1.numel() for m1, _ in self.stats]  # type: ignore[union-attr]
-            means, variances = _mean_var(torch.cat([m1 for m1, _ in self.stats]),  # type: ignore[union-attr]
-                                         torch.cat([m2 for _, m2 in self.stats]))  # type: ignore[union-attr]
+            sums = torch.cat([s for s, _ in self.stats])  # type: ignore[misc]
+            sizes = [s.numel() for s, _ in self.stats]  # type: ignore[misc]
+            key = (sums.device, tuple(self.counts), tuple(sizes))
+            inv_n = self._inv_counts.get(key)
+            if inv_n is None:  # built once per input size, not every iteration (no host copy)
+                inv_n = self._inv_counts[key] = torch.cat(
+                    [torch.full((c,), 1.0 / n) for c, n in zip(sizes, self.counts)]).to(sums.device)
+            means, variances = _mean_var(sums, torch.cat([h for _, h in self.stats]), inv_n)  # type: ignore[misc]
             self._recorded = list(zip(means.split(sizes), variances.split(sizes)))
         return self._recorded
 

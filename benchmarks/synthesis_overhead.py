@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--channels-last", action="store_true", help="teacher and images in channels_last")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the teacher's network for both the loop and the bare pass")
     parser.add_argument("--ablate", action="store_true",
                         help="also time the loop with the augmentation, tv_l1 or the BN statistics replaced by "
                              "no-ops (key `ablation`: each part's share of a teacher pass)")
@@ -52,6 +54,10 @@ def main() -> None:
     image_size = tuple(args.image_size or teacher.image_size)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     teacher = teacher.to(memory_format=memory_format)
+    if args.compile:
+        from diode.detectors.base import compile_network
+
+        compile_network(teacher)
     # One full-resolution stage with the recipe's losses and augmentation: the per-iteration work.
     raw = load_recipe(args.recipe)
     stage = dict(raw["stages"][-1], iterations=args.iterations, scale=1.0, pixel_scale=1.0)
@@ -104,7 +110,7 @@ def main() -> None:
         "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
         "batch_size": args.batch_size, "image_size": list(image_size), "recipe": args.recipe,
         "precision": args.precision, "device": str(device), "torch": torch.__version__,
-        "channels_last": args.channels_last, "threads": torch.get_num_threads(),
+        "channels_last": args.channels_last, "compile": args.compile, "threads": torch.get_num_threads(),
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "ablation": ablation,
     }))

@@ -273,6 +273,10 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     teacher, _ = load_detector(args.teacher, device=device, trust_checkpoint=args.trust_checkpoint)
     if args.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
+    if args.compile:
+        from diode.detectors.base import compile_network
+
+        compile_network(teacher)
     cfg = build_config(load_recipe(args.recipe), batch_size=args.batch_size, iterations=args.iterations,
                        precision=args.precision, source=f"--recipe {args.recipe}")
     image_size = _image_size(args.image_size) or teacher.image_size
@@ -523,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--precision", choices=["fp32", "bf16"], help="override the recipe's precision")
     syn.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPUs)")
+    syn.add_argument("--compile", action="store_true",
+                     help="torch.compile the teacher's network, BN statistics included (fixed shapes; the "
+                          "first iterations of each stage size wait for the compiler; needs a C++ compiler on CPU)")
     syn.add_argument("--verifier", help="a second detector measuring transferable agreement")
     syn.add_argument("--device", default="auto")
     _add_trust_flag(syn)

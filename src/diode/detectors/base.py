@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -66,6 +66,12 @@ class Detector(nn.Module):
         """The detector's own training objective: its loss terms weighted by ``loss_weights``."""
         return sum(self.loss_weights.get(k, 1.0) * v for k, v in terms.items())
 
+    def network(self) -> nn.Module:
+        """The module holding the dense network (what `compile_network` compiles): the detector
+        itself when its `loss` and `predict` run it as ``self(images)``; adapters whose loss goes
+        through another module name it, leaving target matching with data-dependent shapes eager."""
+        return self
+
     def bn_layers(self) -> list[tuple[str, nn.Module]]:
         """(name, module) of every layer with running statistics, in forward-definition order."""
         return [(name, m) for name, m in self.named_modules()
@@ -84,3 +90,23 @@ class Detector(nn.Module):
         finally:
             for m, training in modes.items():
                 m.train(training)
+
+
+def compile_network(detector: Detector, **options) -> Callable[[], None]:
+    """Compile `detector.network()`'s forward with ``torch.compile`` in place (fixed shapes unless
+    `options` say otherwise); returns a function that puts the eager forward back.
+
+    The BN statistics recorder keeps working: its per-layer forwards are traced into the graph,
+    and so are the fused frozen-BN-with-moments functions. Each input size (a multi-resolution
+    stage, prediction without gradient) compiles once.
+    """
+    module = detector.network()
+    previous = module.__dict__.get("forward")
+    module.forward = torch.compile(module.forward, dynamic=options.pop("dynamic", False), **options)
+
+    def restore() -> None:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+    return restore

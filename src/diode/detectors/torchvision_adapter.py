@@ -223,6 +223,10 @@ class TorchvisionDetector(Detector):
                     torch.cuda.manual_seed(seed)
             yield
 
+    def network(self) -> nn.Module:
+        """The backbone (and FPN): torchvision's transform, heads and loss stay eager."""
+        return self.model.backbone
+
     def loss(self, images: torch.Tensor, targets: list[Target]) -> dict[str, torch.Tensor]:
         """torchvision's training losses under short names (see the module docstring)."""
         self._check_images(images)

@@ -117,6 +117,10 @@ class UltralyticsDetector(Detector):
     def head(self) -> nn.Module:
         return self.model.model[-1]
 
+    def network(self) -> nn.Module:
+        """ultralytics' DetectionModel: its loss is computed outside, on the head outputs."""
+        return self.model
+
     def _check_size(self, images: torch.Tensor) -> None:
         if images.shape[-2] % self.max_stride or images.shape[-1] % self.max_stride:
             raise ValueError(f"input sides must be multiples of {self.max_stride} (as image_size {self.image_size} "

@@ -153,7 +153,8 @@ class BNStatsRecorder:
     Inside `recording()` each selected layer's `forward` is replaced: a frozen layer on an fp32
     input runs as `_FrozenBNWithMoments` (the layer and its input's moments fused); any other
     layer (in training mode, bf16 input, another BN type) records the moments of its input and
-    runs its own forward. Outside `recording()` the layers are untouched and cost nothing extra.
+    runs its own forward. Under `torch.compile` the moments are plain reductions, for the
+    compiler to fuse with the layer. Outside `recording()` the layers are untouched and cost nothing extra.
     """
 
     def __init__(self, layers: list[tuple[str, nn.Module]]) -> None:
@@ -179,6 +180,10 @@ class BNStatsRecorder:
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             self.counts[index] = x.numel() // x.shape[1]
+            if torch.compiler.is_compiling():  # plain operations: the compiler fuses them with the layer
+                xf = x.float()
+                self.stats[index] = (xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)) * 0.5)
+                return original(x)
             if affine is not None and x.dtype == torch.float32:
                 y, s, h = _FrozenBNWithMoments.apply(x, *affine)
                 self.stats[index] = (s, h)

@@ -96,9 +96,9 @@ def compile_network(detector: Detector, **options) -> Callable[[], None]:
     """Compile `detector.network()`'s forward with ``torch.compile`` in place (fixed shapes unless
     `options` say otherwise); returns a function that puts the eager forward back.
 
-    The BN statistics recorder keeps working: its per-layer forwards are traced into the graph,
-    and so are the fused frozen-BN-with-moments functions. Each input size (a multi-resolution
-    stage, prediction without gradient) compiles once.
+    The BN statistics recorder keeps working: its per-layer forwards are traced into the graph
+    (as plain reductions the compiler fuses with the layers). Each input size and mode (a
+    multi-resolution stage, prediction without gradient) compiles once.
     """
     module = detector.network()
     previous = module.__dict__.get("forward")

@@ -43,6 +43,11 @@ for prec in fp32 bf16; do
   $PY benchmarks/synthesis_overhead.py --teacher ul-yolov8s --image-size $SIZE --batch-size $BIG --recipe fast \
       --iterations $IT --rounds $R --precision $prec --channels-last | jl
 done
+for teacher in shapes-teacher ul-yolov8s; do
+  log "overhead $teacher fp32 --compile (the bare pass compiled too)"
+  if [ $teacher = shapes-teacher ]; then args="--batch-size $B"; else args="--teacher ul-yolov8s --image-size $SIZE --batch-size $BIG --channels-last"; fi
+  $PY benchmarks/synthesis_overhead.py $args --recipe fast --iterations $IT --rounds $R --compile | jl
+done
 log "distill throughput"
 $PY benchmarks/distill_throughput.py --images $KD --batch-size $B --rounds 3 | jl
 

@@ -1,6 +1,7 @@
 """The main job on the embedded default: what `make demo` runs.
 
-bundled teacher -> DIODE synthesis (the `fast` recipe) -> distillation of a student of the
+bundled teacher -> DIODE synthesis (the `fast-multibox` recipe: `fast` with 1-4 boxes per image,
+which teaches students more) -> distillation of a student of the
 teacher's architecture from scratch on the synthetic images only (soft targets: the `auto`
 method) -> COCO mAP of teacher and student on freshly rendered real validation images -> HTML
 report. Sized to finish in about 10 minutes on a 2-core CPU; `quick` is a smoke-sized run of the
@@ -27,6 +28,8 @@ from diode.pipeline import synthesize_dataset, train_student
 from diode.report.grids import save_grid
 from diode.report.html import write_report
 from diode.synthesis.recipes import build_config, load_recipe
+
+DEMO_RECIPE = "fast-multibox"
 
 
 @dataclass
@@ -67,7 +70,7 @@ def run_demo(out_dir: Path, *, quick: bool = False, teacher_name: str = "shapes-
 
     command = f"diode demo{' --quick' if quick else ''}"
     log(f"[2/4] synthesizing {size.synth_images} images from {teacher_name} ({size.iterations} iterations each)")
-    cfg = build_config(load_recipe("fast"), iterations=size.iterations, source="recipe fast")
+    cfg = build_config(load_recipe(DEMO_RECIPE), iterations=size.iterations, source=f"recipe {DEMO_RECIPE}")
     # The bundled verifier (an independently trained yolo-lite-n) measures whether the images carry
     # object evidence other detectors see too, not only patterns the teacher responds to.
     verifier = load_detector("shapes-verifier", device=device)[0] if "shapes-verifier" in bundled_models() else None

@@ -5,7 +5,8 @@ number of transfer images and the same distillation budget; the student is score
 rendered real validation images it never saw. Rows: real images with labels unused (the
 in-distribution upper bound), the student trained with real labels (reference), Gaussian noise,
 out-of-distribution photo/texture crops without objects, BN-only inversion (no task loss), DIODE
-one-box, + false-positive aggregation, + tiling, and our `fast` recipe. Every row is cached in
+one-box, + false-positive aggregation, + tiling, our `fast` recipe, and `fast-multibox` (the same
+with 1-4 boxes per image). Every row is cached in
 `rows/`, so an interrupted experiment continues where it stopped.
 """
 
@@ -70,6 +71,7 @@ SYNTH_ROWS = {
     "diode-onebox+fp": ("paper", {"fp": True, "tiling": False}),
     "diode-onebox+fp+tiling": ("paper", {"fp": True, "tiling": True}),
     "fast": ("fast", {}),
+    "fast-multibox": ("fast-multibox", {}),
 }
 ROWS = ["real-kd", "real-labels", "noise", "ood", *SYNTH_ROWS]
 
@@ -152,7 +154,7 @@ class Experiment:
             return load_transfer_set(str(folder), self.size, num_images=count, seed=0, progress=False), 0.0, None
         recipe, overrides = SYNTH_ROWS[row.split("@")[0]]
         iterations = int(row.split("@")[1]) if "@" in row else (
-            p.fast_iterations if recipe == "fast" else p.synth_iterations)
+            p.fast_iterations if recipe.startswith("fast") else p.synth_iterations)
         return self.synthesize_transfer(row, recipe, overrides, iterations, seed=4000, count=count)
 
     def synthesize_transfer(self, name: str, recipe: str, overrides: dict, iterations: int, seed: int,

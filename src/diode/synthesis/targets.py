@@ -54,7 +54,8 @@ def _random_boxes(
     """``n`` xyxy boxes ``[n, 4]`` with sides U(min_side, max_side) of the image side, inside it.
 
     With ``max_aspect`` the longer side (in pixels) is shortened to at most ``max_aspect`` times
-    the shorter one, so both sides stay within the range; the draws are the same either way.
+    the shorter one (never below the shorter, so on a square image both stay within the range);
+    the random draws are the same either way.
     """
     u = torch.rand((n, 4), generator=gen)
     box_w = (min_side + (max_side - min_side) * u[:, 0]) * width

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from diode.allocator import keep_freed_memory
 from diode.detectors.checkpoint import load_detector
 from diode.detectors.registry import build_detector
 from diode.synthesis.recipes import build_config, load_recipe
@@ -43,8 +44,11 @@ def main() -> None:
     parser.add_argument("--ablate", action="store_true",
                         help="also time the loop with the augmentation, tv_l1 or the BN statistics replaced by "
                              "no-ops (key `ablation`: each part's share of a teacher pass)")
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="leave glibc's malloc thresholds alone (the CLI raises them: diode.allocator)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    malloc_tuned = False if args.no_malloc_tuning else keep_freed_memory()
     device = torch.device(args.device)
     try:
         teacher = load_detector(args.teacher, device=device)[0]
@@ -112,7 +116,7 @@ def main() -> None:
         "precision": args.precision, "device": str(device), "torch": torch.__version__,
         "channels_last": args.channels_last, "compile": args.compile, "threads": torch.get_num_threads(),
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "ablation": ablation,
+        "malloc_tuned": malloc_tuned, "ablation": ablation,
     }))
 
 

@@ -589,6 +589,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command = _command_line(argv)
+    from diode.allocator import keep_freed_memory
+
+    keep_freed_memory()  # no page faults for memory freed a moment ago (a CPU loop's activations)
     deterministic = torch.are_deterministic_algorithms_enabled()
     if args.deterministic:
         # cuBLAS needs this before its first matrix product to be deterministic.

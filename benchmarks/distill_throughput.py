@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from diode.allocator import keep_freed_memory
 from diode.config import TrainConfig
 from diode.detectors.checkpoint import load_detector
 from diode.detectors.registry import build_detector
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    keep_freed_memory()  # as the CLI does (diode.allocator)
     device = torch.device(args.device)
     teacher = load_detector(args.teacher, device=device)[0]
     size = tuple(teacher.image_size)

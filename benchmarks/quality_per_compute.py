@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from diode.allocator import keep_freed_memory
 from diode.experiment import Experiment, Profile
 from diode.io import atomic_write_json, atomic_write_text
 
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if any(it < 1 for r in args.recipes for it in budgets[r]):
         raise SystemExit("--paper-iterations / --fast-iterations must all be >= 1")
+    keep_freed_memory()  # as the CLI does (diode.allocator)
     out, device = Path(args.out), torch.device(args.device)
     settings = {"teacher": args.teacher, "student": args.student, "num_images": args.num_images,
                 "batch_size": args.batch_size, "epochs": args.epochs, "kd_batch_size": args.kd_batch_size,

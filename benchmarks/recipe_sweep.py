@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from diode.allocator import keep_freed_memory
 from diode.detectors.checkpoint import load_detector
 from diode.pipeline import synthesize_dataset
 from diode.synthesis.recipes import build_config, load_recipe
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--verifier", default="shapes-verifier", help="bundled name or checkpoint")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    keep_freed_memory()  # as the CLI does (diode.allocator)
     variants = yaml.safe_load(Path(args.variants).read_text())
     names = args.only.split(",") if args.only else list(variants)
     teacher = load_detector(args.teacher, device=args.device)[0]

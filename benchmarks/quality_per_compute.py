@@ -14,6 +14,7 @@ row's mAP@.5) and writes `OUT/table.json` and `OUT/table.md`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import shlex
@@ -27,6 +28,7 @@ import torch
 from diode.allocator import keep_freed_memory
 from diode.experiment import Experiment, Profile
 from diode.io import atomic_write_json, atomic_write_text
+from diode.synthesis.recipes import load_recipe
 
 TOLERANCE = 0.98  # `fast` matches `paper` when its mean mAP@.5 is at least this fraction of it
 SYNTH_SEED = 4000  # synthesis seed = SYNTH_SEED + cell seed (as `diode experiment` uses 4000)
@@ -81,12 +83,31 @@ def _check_settings(out: Path, settings: dict) -> None:
         atomic_write_json(path, settings)
 
 
+def recipe_fingerprint(recipe: str) -> str:
+    """SHA-256 of the recipe's content (as loaded): a cached cell counts only for the recipe it ran."""
+    return hashlib.sha256(json.dumps(load_recipe(recipe), sort_keys=True).encode()).hexdigest()
+
+
+def _cached_cell(out: Path, recipe: str, iterations: int, seed: int) -> dict | None:
+    """A finished cell from `out/cells/`, or None; refuses one made with another version of the recipe."""
+    cache = out / "cells" / f"{recipe}@{iterations}__seed{seed}.json"
+    if not cache.exists():
+        return None
+    cell = json.loads(cache.read_text())
+    if cell.get("recipe_sha256") != recipe_fingerprint(recipe):
+        raise SystemExit(f"{cache}: made with another version of the recipe {recipe!r} (it changed since); "
+                         f"use another --out")
+    return cell
+
+
 def _cell(exp: Experiment, recipe: str, iterations: int, seed: int, log) -> dict:
     """One (recipe, iterations, seed) cell: synthesise, distil, score; read from its cache if done."""
     key = f"{recipe}@{iterations}__seed{seed}"
+    cached = _cached_cell(exp.out, recipe, iterations, seed)
+    if cached is not None:
+        return cached
+    fingerprint = recipe_fingerprint(recipe)
     cache = exp.out / "cells" / f"{key}.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
     n = exp.profile.transfer_images
     log(f"cell {key}: synthesising {n} images")
     images, seconds, agreement = exp.synthesize_transfer(key, recipe, {}, iterations, seed=SYNTH_SEED + seed,
@@ -94,7 +115,8 @@ def _cell(exp: Experiment, recipe: str, iterations: int, seed: int, log) -> dict
     log(f"cell {key}: distilling the student ({exp.profile.kd_epochs} epochs)")
     started = time.time()
     metrics = exp.distil_student(key, images, seed)
-    cell = {"recipe": recipe, "iterations": iterations, "seed": seed, "map_50": metrics["map_50"],
+    cell = {"recipe": recipe, "recipe_sha256": fingerprint, "iterations": iterations, "seed": seed,
+            "map_50": metrics["map_50"],
             "map": metrics["map"], "synthesis_seconds": seconds, "teacher_agreement": agreement,
             "kd_seconds": round(time.time() - started, 2)}
     atomic_write_json(cache, cell)
@@ -197,8 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     for recipe in args.recipes:
         for it in sorted(set(budgets[recipe])):
             if args.report_only:
-                paths = [out / "cells" / f"{recipe}@{it}__seed{seed}.json" for seed in args.seeds]
-                cells = [json.loads(p.read_text()) for p in paths if p.exists()]
+                cells = [c for seed in args.seeds if (c := _cached_cell(out, recipe, it, seed)) is not None]
             else:
                 cells = [_cell(exp, recipe, it, seed, log) for seed in args.seeds]
             if cells:

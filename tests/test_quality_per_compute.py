@@ -69,3 +69,15 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path, bench):
     (tmp_path / "settings.json").write_text(json.dumps({"num_images": 99}))
     with pytest.raises(SystemExit, match="other settings"):
         bench.main(_argv(tmp_path))
+
+
+def test_a_cell_of_another_recipe_version_is_refused(tmp_path, bench):
+    bench.main(_argv(tmp_path))
+    path = tmp_path / "cells" / "fast@2__seed0.json"
+    cell = json.loads(path.read_text())
+    assert cell["recipe_sha256"] == bench.recipe_fingerprint("fast")
+    path.write_text(json.dumps(dict(cell, recipe_sha256="0" * 64)))  # as if `fast` had changed since
+    with pytest.raises(SystemExit, match="another version of the recipe 'fast'"):
+        bench.main(_argv(tmp_path))
+    with pytest.raises(SystemExit, match="another version"):
+        bench.main(_argv(tmp_path) + ["--report-only"])

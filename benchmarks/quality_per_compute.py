@@ -206,8 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "val_images": args.val_images}
     _check_settings(out, settings)
     command = shlex.join(["python", "benchmarks/quality_per_compute.py", *argv])
-    profile = Profile(transfer_images=args.num_images, synth_iterations=max(args.paper_iterations),
-                      fast_iterations=max(args.fast_iterations), synth_batch=args.batch_size, kd_epochs=args.epochs,
+    # synth_iterations / fast_iterations are unused here (every cell names its iterations): fixed,
+    # so that adding a budget to the command keeps the folder's recorded settings.
+    profile = Profile(transfer_images=args.num_images, synth_iterations=0, fast_iterations=0,
+                      synth_batch=args.batch_size, kd_epochs=args.epochs,
                       kd_batch=args.kd_batch_size, val_images=args.val_images, seeds=list(args.seeds))
 
     def log(line: str) -> None:

@@ -47,3 +47,22 @@ def test_unknown_profile_is_a_clear_error(tmp_path):
 
     with pytest.raises(DiodeError, match="--profile"):
         ex.Experiment(tmp_path, "huge", progress=False)
+
+
+def test_other_settings_in_the_same_folder_are_refused(tmp_path, tiny_profile, monkeypatch):
+    from dataclasses import replace
+
+    from diode.errors import DiodeError
+
+    ex.Experiment(tmp_path, "tiny", student_arch="yolo-lite-n-p2", progress=False)
+    assert json.loads((tmp_path / "experiment.json").read_text())["kd_epochs"] == 1
+    ex.Experiment(tmp_path, "tiny", student_arch="yolo-lite-n-p2", progress=False)  # same settings: fine
+    monkeypatch.setitem(ex.PROFILES, "tiny", replace(tiny_profile, kd_epochs=2))
+    with pytest.raises(DiodeError, match=r"other settings \(kd_epochs 1 -> 2\)"):
+        ex.Experiment(tmp_path, "tiny", student_arch="yolo-lite-n-p2", progress=False)
+    # Rows cached before settings were recorded cannot be vouched for.
+    legacy = tmp_path / "legacy"
+    (legacy / "rows").mkdir(parents=True)
+    (legacy / "rows" / "noise__n4__seed0.json").write_text("{}")
+    with pytest.raises(DiodeError, match="not recorded"):
+        ex.Experiment(legacy, "tiny", student_arch="yolo-lite-n-p2", progress=False)

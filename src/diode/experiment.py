@@ -55,11 +55,13 @@ class Profile:
 
 
 PROFILES = {
-    # Sized for the 2-core CPU (README: quick <= 20 min, full about an hour): every row gets the
-    # same images and the same KD steps (transfer_images / kd_batch * kd_epochs).
+    # Sized for the 2-core CPU (README: quick <= 20 min, full about two and a half hours): every
+    # row gets the same images and the same KD steps (transfer_images / kd_batch * kd_epochs).
+    # `full` distils for 120 epochs: at 60 the students are far from converged and the gap between
+    # synthetic and real transfer images is mostly a gap in how fast they teach (results/experiment-full).
     "quick": Profile(transfer_images=64, synth_iterations=100, fast_iterations=60, synth_batch=32, kd_epochs=40,
                      kd_batch=32, val_images=200, seeds=[0], iteration_sweep=[20, 40], image_sweep=[16, 32]),
-    "full": Profile(transfer_images=192, synth_iterations=300, fast_iterations=150, synth_batch=32, kd_epochs=60,
+    "full": Profile(transfer_images=192, synth_iterations=300, fast_iterations=150, synth_batch=32, kd_epochs=120,
                     kd_batch=32, val_images=300, seeds=[0, 1, 2], iteration_sweep=[50, 100],
                     image_sweep=[64, 128]),
 }
@@ -119,6 +121,30 @@ class Experiment:
         probe = build_detector(student_arch, class_names=self.teacher.class_names, image_size=self.size).to(device)
         self.kd = DistillConfig(methods=resolve_methods("auto", self.teacher, probe, self.size))
         self._real_cache = None
+        self._check_settings()
+
+    def settings(self) -> dict:
+        """What a cached row or student depends on (the seeds do not: rows are cached per seed)."""
+        p = self.profile
+        return {"teacher": self.teacher_name, "student": self.student_arch, "kd_methods": self.kd.methods,
+                "transfer_images": p.transfer_images, "synth_iterations": p.synth_iterations,
+                "fast_iterations": p.fast_iterations, "synth_batch": p.synth_batch, "kd_epochs": p.kd_epochs,
+                "kd_batch": p.kd_batch, "val_images": p.val_images}
+
+    def _check_settings(self) -> None:
+        """Rows, students and transfer sets in `out` are reused only under the settings they were
+        made with (`experiment.json`): other settings, or cached rows from before the file existed,
+        are refused rather than mixed into the table."""
+        path, settings = self.out / "experiment.json", self.settings()
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old != json.loads(json.dumps(settings)):
+                diff = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
+                raise DiodeError(f"{self.out}: holds an experiment with other settings ({diff}); use another --out")
+        elif any((self.out / "rows").glob("*.json")):
+            raise DiodeError(f"{self.out}: holds cached rows whose settings were not recorded; use another --out")
+        else:
+            atomic_write_json(path, settings)
 
     # -- data ------------------------------------------------------------------------------
     def _real(self):

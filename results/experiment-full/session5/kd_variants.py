@@ -8,11 +8,11 @@ from pathlib import Path
 
 from diode.config import AugmentConfig, TrainConfig
 from diode.distill.losses import DistillConfig, parse_methods
-from diode.experiment import Experiment
+from diode.experiment import PROFILES, Experiment
 from diode.pipeline import train_student
 
 tag, opts = sys.argv[1], dict(a.split("=", 1) for a in sys.argv[2:])
-exp = Experiment(Path("runs/experiment-full"), "full")
+exp = Experiment(Path("runs/experiment-full60"), "full-60", profile=replace(PROFILES["full"], kd_epochs=60))
 p = exp.profile
 epochs = int(opts.get("epochs", p.kd_epochs))
 kd = DistillConfig(methods=parse_methods(opts["methods"])) if "methods" in opts else exp.kd

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import resource
 import statistics
 import time
 
@@ -100,9 +101,12 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times: dict[str, list[float]] = {k: [] for k in variants}
+    faults: dict[str, int] = {k: 0 for k in variants}  # minor page faults (memory the kernel maps afresh)
     for _ in range(args.rounds):
         for name, fn in variants.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             times[name].append(fn())
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     b, f = statistics.median(times["bare"]), statistics.median(times["full"])
     ablation = {name[3:]: round((f - statistics.median(times[name])) / b, 4) for name in times
                 if name.startswith("no-")} or None
@@ -116,7 +120,9 @@ def main() -> None:
         "precision": args.precision, "device": str(device), "torch": torch.__version__,
         "channels_last": args.channels_last, "compile": args.compile, "threads": torch.get_num_threads(),
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "malloc_tuned": malloc_tuned, "ablation": ablation,
+        "malloc_tuned": malloc_tuned,
+        "page_faults_per_iteration": {k: round(faults[k] / (args.rounds * args.iterations), 1) for k in ("bare", "full")},
+        "ablation": ablation,
     }))
 
 

@@ -55,7 +55,7 @@ class Profile:
 
 
 PROFILES = {
-    # Sized for the 2-core CPU (README: quick <= 20 min, full about two and a half hours): every
+    # Sized for the 2-core CPU (README: quick <= 20 min, full about two hours): every
     # row gets the same images and the same KD steps (transfer_images / kd_batch * kd_epochs).
     # `full` distils for 120 epochs: at 60 the students are far from converged and the gap between
     # synthetic and real transfer images is mostly a gap in how fast they teach (results/experiment-full).

@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_suite.sh OUT_DIR [SCALE] [PART]
 # SCALE=small runs every step at toy sizes (a CPU dry run of this script); PART=bench runs steps
 # 1-3 only, PART=quality step 4 only (default: all). Steps:
-#  1. synthesis overhead (shapes-teacher fp32 / bf16 / bf16+channels_last; YOLOv8s at 320 px),
+#  1. synthesis overhead (compiled first: shapes-teacher, YOLOv8s; then eager shapes-teacher
+#     fp32 / bf16 / bf16+channels_last; YOLOv8s at 320 px fp32 / bf16),
 #  2. distillation throughput, 3. CUDA parity of the fused BN statistics,
 #  4. in parallel (one process each; small models are bound by kernel launches, so the GPU has
 #     room): quality per compute, one process per seed for `paper`@4000 and one per seed for the
@@ -19,6 +20,7 @@ if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import pycocotools" 2>/dev/nul
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PY:-python3}
+T="timeout ${STEP_S:-300}"  # each benchmark step at most this long (a stuck compile cannot eat the lease)
 WORK=${WORK:-/tmp/gpu-suite}
 if [ "$SCALE" = small ]; then
   B=4; BIG=4; IT=2; R=1; KD=64; SIZE="64 64"
@@ -32,24 +34,24 @@ jl() { tail -n 1 | tee -a "$OUT/bench.jsonl"; }
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee -a "$OUT/suite.log"
 
 if [ "$PART" != quality ]; then
-for prec in fp32 bf16; do
-  log "overhead shapes-teacher $prec"
-  $PY benchmarks/synthesis_overhead.py --batch-size $B --recipe fast --iterations $IT --rounds $R --precision $prec | jl
-done
-log "overhead shapes-teacher bf16 channels_last"
-$PY benchmarks/synthesis_overhead.py --batch-size $B --recipe fast --iterations $IT --rounds $R --precision bf16 --channels-last | jl
-for prec in fp32 bf16; do
-  log "overhead ul-yolov8s $SIZE $prec"
-  $PY benchmarks/synthesis_overhead.py --teacher ul-yolov8s --image-size $SIZE --batch-size $BIG --recipe fast \
-      --iterations $IT --rounds $R --precision $prec --channels-last | jl
-done
 for teacher in shapes-teacher ul-yolov8s; do
   log "overhead $teacher fp32 --compile (the bare pass compiled too)"
   if [ $teacher = shapes-teacher ]; then args="--batch-size $B"; else args="--teacher ul-yolov8s --image-size $SIZE --batch-size $BIG --channels-last"; fi
-  $PY benchmarks/synthesis_overhead.py $args --recipe fast --iterations $IT --rounds $R --compile | jl
+  $T $PY benchmarks/synthesis_overhead.py $args --recipe fast --iterations $IT --rounds $R --compile | jl
+done
+for prec in fp32 bf16; do
+  log "overhead shapes-teacher $prec"
+  $T $PY benchmarks/synthesis_overhead.py --batch-size $B --recipe fast --iterations $IT --rounds $R --precision $prec | jl
+done
+log "overhead shapes-teacher bf16 channels_last"
+$T $PY benchmarks/synthesis_overhead.py --batch-size $B --recipe fast --iterations $IT --rounds $R --precision bf16 --channels-last | jl
+for prec in fp32 bf16; do
+  log "overhead ul-yolov8s $SIZE $prec"
+  $T $PY benchmarks/synthesis_overhead.py --teacher ul-yolov8s --image-size $SIZE --batch-size $BIG --recipe fast \
+      --iterations $IT --rounds $R --precision $prec --channels-last | jl
 done
 log "distill throughput"
-$PY benchmarks/distill_throughput.py --images $KD --batch-size $B --rounds 3 | jl
+$T $PY benchmarks/distill_throughput.py --images $KD --batch-size $B --rounds 3 | jl
 
 log "fused BN statistics: device against CPU"
 $PY - <<'EOF' | tee -a "$OUT/bench.jsonl"

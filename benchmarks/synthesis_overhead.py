@@ -152,12 +152,12 @@ def _ablations(synth: Synthesizer, targets, image_size, gen, images, iterations:
 
     def no_bn():  # statistics not recorded: the BN term is computed from the running values (no gradient)
         recorder = synth.recorder
-        old_recording, old_recorded = recorder.recording, recorder.recorded
+        old_recording, old_recorded = recorder.recording, recorder.recorded_flat
         recorder.recording = contextlib.nullcontext
-        recorder.recorded = lambda: [(m.clone(), v.clone()) for m, v in recorder.running()]
+        recorder.recorded_flat = lambda: tuple(torch.cat(stats) for stats in zip(*recorder.running()))
 
         def restore() -> None:
-            recorder.recording, recorder.recorded = old_recording, old_recorded
+            recorder.recording, recorder.recorded_flat = old_recording, old_recorded
         return restore
 
     return {"no-augmentation": timed(swap("augment_synthesis", lambda im, t, cfg, jitter, g: (im, t))),

@@ -295,7 +295,7 @@ def test_fused_frozen_bn_gradcheck() -> None:
     scale = torch.rand(3, dtype=torch.float64, generator=g) + 0.5
     shift = torch.randn(3, dtype=torch.float64, generator=g)
     zeros, ones = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
-    fn = lambda x: _FrozenBNWithMoments.apply(x, scale, shift, zeros, ones)  # noqa: E731
+    fn = lambda x: _FrozenBNWithMoments.apply(x, (scale, shift, zeros, ones))  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,))
     for k in range(3):
         assert torch.autograd.gradcheck(lambda x: fn(x)[k], (x,))

@@ -182,13 +182,15 @@ class UltralyticsDetector(Detector):
         raw = self._raw(images)
         device = images.device
         height, width = images.shape[-2:]
-        boxes = torch.cat([t["boxes"].to(device).float().reshape(-1, 4) for t in targets])
+        # Built on the host and moved in non-blocking copies (a blocking one waits for the device).
+        boxes = torch.cat([t["boxes"].float().reshape(-1, 4) for t in targets])
+        boxes = box_convert(boxes, "xyxy", "cxcywh") / boxes.new_tensor([width, height, width, height])
         batch = {  # ultralytics' batch format: one row per object
-            "batch_idx": torch.cat([torch.full((len(t["labels"]),), float(i), device=device)
-                                    for i, t in enumerate(targets)]),
-            "cls": torch.cat([t["labels"].to(device) for t in targets]).float().view(-1, 1),
-            "bboxes": box_convert(boxes, "xyxy", "cxcywh") / boxes.new_tensor([width, height, width, height]),
+            "batch_idx": torch.cat([torch.full((len(t["labels"]),), float(i)) for i, t in enumerate(targets)]),
+            "cls": torch.cat([t["labels"].reshape(-1) for t in targets]).float().view(-1, 1),
+            "bboxes": boxes,
         }
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         # Built per call: the criterion captures the model's device and strides when constructed.
         total, _ = v8DetectionLoss(self.model)(raw, batch)  # [3] terms (unit gains) * batch size
         if total.shape != (3,):

@@ -223,9 +223,10 @@ class YoloLite(Detector):
         """(image index, boxes, labels) of every target box, on the model's device in one transfer each."""
         device = self.anchors.device
         counts = torch.tensor([len(t["labels"]) for t in targets])
-        img_idx = torch.repeat_interleave(torch.arange(len(targets)), counts).to(device)
-        boxes = torch.cat([t["boxes"].float().reshape(-1, 4) for t in targets]).to(device)
-        labels = torch.cat([t["labels"].reshape(-1) for t in targets]).to(device)
+        # Non-blocking: a blocking host-to-device copy makes the host wait for the device.
+        img_idx = torch.repeat_interleave(torch.arange(len(targets)), counts).to(device, non_blocking=True)
+        boxes = torch.cat([t["boxes"].float().reshape(-1, 4) for t in targets]).to(device, non_blocking=True)
+        labels = torch.cat([t["labels"].reshape(-1) for t in targets]).to(device, non_blocking=True)
         return img_idx, boxes, labels
 
     def _assign(self, flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor], level: int, h: int,

@@ -8,6 +8,8 @@ clamped to the image, dropped when their area falls below 1 px^2. Gradients flow
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -62,16 +64,19 @@ def augment_synthesis(images: torch.Tensor, targets: list[Target], cfg: SynthAug
     b, _, h, w = images.shape
     device = images.device
     # All random draws happen on the CPU generator; the geometry needed for the boxes stays on
-    # the CPU (targets live there), the rest goes to the device in one transfer: no host syncs.
+    # the CPU (targets live there), the rest goes to the device in one non-blocking transfer (a
+    # blocking one would make the host wait for the device every iteration).
     u_cpu = torch.rand((b, 10), generator=gen)
-    normal = torch.randn((b, 2), generator=gen).to(device)
+    normal_cpu = torch.randn((b, 2), generator=gen)
     dx_cpu = ((u_cpu[:, 0] * (2 * jitter + 1)).floor() - jitter).long()
     dy_cpu = ((u_cpu[:, 1] * (2 * jitter + 1)).floor() - jitter).long()
     flip_cpu = u_cpu[:, 2] < cfg.flip_p
     lo, hi = cfg.scale
     zoom_cpu = lo * (hi / lo) ** u_cpu[:, 3]
-    u = u_cpu.to(device)
-    dx, dy, flip, zoom = dx_cpu.to(device), dy_cpu.to(device), flip_cpu.to(device), zoom_cpu.to(device)
+    geometry = torch.stack([dx_cpu.float(), dy_cpu.float(), flip_cpu.float(), zoom_cpu], 1)
+    packed = torch.cat([u_cpu, normal_cpu, geometry], 1).to(device, non_blocking=True)
+    u, normal = packed[:, :10], packed[:, 10:12]
+    dx, dy, flip, zoom = packed[:, 12].long(), packed[:, 13].long(), packed[:, 14] > 0, packed[:, 15]
 
     out = _roll_flip(images, dx, dy, flip) if jitter > 0 or cfg.flip_p > 0 else images
     zooming = hi > lo or lo != 1.0
@@ -86,7 +91,7 @@ def augment_synthesis(images: torch.Tensor, targets: list[Target], cfg: SynthAug
     contrast = 1 + normal[:, 1, None, None, None] * cfg.contrast  # [B, 1, 1, 1]
     erase = u[:, 4] < cfg.erase_p
     area = (cfg.erase_area[0] + u[:, 5] * (cfg.erase_area[1] - cfg.erase_area[0])) * h * w
-    log_lo, log_hi = torch.log(torch.tensor(cfg.erase_aspect, device=device))
+    log_lo, log_hi = math.log(cfg.erase_aspect[0]), math.log(cfg.erase_aspect[1])
     aspect = torch.exp(log_lo + u[:, 6] * (log_hi - log_lo))
     eh = (area * aspect).sqrt().clamp(max=h)
     ew = (area / aspect).sqrt().clamp(max=w)

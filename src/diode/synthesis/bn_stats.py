@@ -12,7 +12,6 @@ import fnmatch
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -38,11 +37,11 @@ def select_bn_layers(layers: list[tuple[str, nn.Module]], selection: str | int |
 def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel sum of x and half the sum of x^2 over (B, H, W) of x [B, C, H, W]: unnormalised,
     so the gradient of the pair is just g_s + g_h * x, and the division by the count is done once
-    for all layers (`_mean_var`). Each is one pass over x (a reduction over H W, then a small one
-    over B): the sum of squares as a squared L2 norm, with no x * x temporary (half the time of
-    multiply-then-sum on the CPU)."""
-    flat = x.flatten(2) if x.is_contiguous() else x.reshape(x.shape[0], x.shape[1], -1)
-    return flat.sum(2).sum(0), torch.linalg.vector_norm(flat, 2, dim=2).square_().sum(0).mul_(0.5)
+    for all layers (`_mean_var`). Each is one pass over x: the sum of squares as a squared L2 norm
+    over H W (no x * x temporary; half the time of multiply-then-sum on the CPU), then a small sum
+    over B."""
+    flat = x.view(x.shape[0], x.shape[1], -1) if x.is_contiguous() else x.reshape(x.shape[0], x.shape[1], -1)
+    return flat.sum((0, 2)), torch.linalg.vector_norm(flat, 2, 2).square_().sum(0).mul_(0.5)
 
 
 _NO_EPS = 1e-30  # 1 + 1e-30 == 1 in fp32 and fp64: the division by sqrt(var + eps) is exact
@@ -57,7 +56,7 @@ def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
         view = (1, -1) + (1,) * (x.dim() - 2)
         return x * scale.view(view) if shift is None else torch.addcmul(shift.view(view), x, scale.view(view))
     zeros, ones = zeros_ones or (torch.zeros_like(scale), torch.ones_like(scale))
-    return F.batch_norm(x, zeros, ones, scale, shift, False, 0.0, _NO_EPS)
+    return torch.batch_norm(x, scale, shift, zeros, ones, False, 0.0, _NO_EPS, False)
 
 
 def _moments_grad(x: torch.Tensor, g_s: torch.Tensor | None, g_h: torch.Tensor | None,
@@ -89,25 +88,29 @@ class _FrozenBNWithMoments(torch.autograd.Function):
     function: forward and backward each make one pass over x fewer than the layer plus
     `_ChannelMoments` (whose gradient autograd would add to the layer's in a third pass), and
     only a handful of operations per layer (the mean/variance arithmetic is done once for all
-    layers, in `BNStatsRecorder.recorded`)."""
+    layers, in `BNStatsRecorder.recorded_flat`). `affine` = (scale, shift, zeros, ones) of
+    `_frozen_affine`: constants, passed as one argument and kept on `ctx` (not saved tensors),
+    which keeps the per-call cost of the function itself low (it runs once per BN layer)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, zeros: torch.Tensor,
-                ones: torch.Tensor):  # type: ignore[override]
-        ctx.save_for_backward(x, scale, zeros, ones)
+    def forward(ctx, x: torch.Tensor, affine: tuple[torch.Tensor, ...]):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.affine = affine
+        scale, shift, zeros, ones = affine
         return (_affine(x, scale, shift, (zeros, ones)),) + _moments(x)
 
     @staticmethod
     def backward(ctx, g_y: torch.Tensor | None, g_s: torch.Tensor | None,
                  g_h: torch.Tensor | None):  # type: ignore[override]
-        x, scale, zeros, ones = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
+        scale, _, zeros, ones = ctx.affine
         if g_s is None and g_h is None:
             grad = _affine(g_y, scale, None, (zeros, ones))
         else:
             grad = _moments_grad(x, g_s, g_h, (zeros, ones))
             if g_y is not None:  # in place: a second activation-size temporary costs more than the add
                 grad = grad.addcmul_(g_y, scale.view((1, -1) + (1,) * (x.dim() - 2)))
-        return grad, None, None, None, None
+        return grad, None
 
 
 def _mean_var(s: torch.Tensor, h: torch.Tensor, inv_n: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +169,7 @@ class BNStatsRecorder:
         self.counts: list[int] = [0] * len(layers)  # elements per channel behind each layer's sums
         self._inv_counts: dict[tuple, torch.Tensor] = {}  # (device, counts) -> 1 / count per channel
         self._removed = False
-        self._recorded: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._recorded: tuple[torch.Tensor, torch.Tensor] | None = None  # recorded_flat's result
         self._affines: dict[int, tuple] = {}  # index -> (buffer versions, affine): reused while unchanged
 
     def _affine_of(self, index: int, module: nn.Module) -> tuple[torch.Tensor, ...] | None:
@@ -187,7 +190,7 @@ class BNStatsRecorder:
                 self.stats[index] = (xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)) * 0.5)
                 return original(x)
             if affine is not None and x.dtype == torch.float32:
-                y, s, h = _FrozenBNWithMoments.apply(x, *affine)
+                y, s, h = _FrozenBNWithMoments.apply(x, affine)
                 self.stats[index] = (s, h)
                 return y
             self.stats[index] = _channel_moments(x)
@@ -217,9 +220,10 @@ class BNStatsRecorder:
                 else:
                     m.forward = previous
 
-    def recorded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(mean, biased var) of each layer's input in the last `recording()` block, computed for
-        all layers at once from the recorded moments."""
+    def recorded_flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(means, biased variances) of all layers' inputs in the last `recording()` block,
+        concatenated in layer order ([sum of the layers' channels] each), computed for all layers
+        at once from the recorded moments."""
         missing = [n for n, s in zip(self.names, self.stats) if s is None]
         if missing:
             raise RuntimeError(f"BN layers not reached by the forward pass: {missing[:3]}")
@@ -228,12 +232,18 @@ class BNStatsRecorder:
             sizes = [s.numel() for s, _ in self.stats]  # type: ignore[misc]
             key = (sums.device, tuple(self.counts), tuple(sizes))
             inv_n = self._inv_counts.get(key)
-            if inv_n is None:  # built once per input size, not every iteration (no host copy)
+            if inv_n is None:  # built once per input size, not every iteration
                 inv_n = self._inv_counts[key] = torch.cat(
-                    [torch.full((c,), 1.0 / n) for c, n in zip(sizes, self.counts)]).to(sums.device)
-            means, variances = _mean_var(sums, torch.cat([h for _, h in self.stats]), inv_n)  # type: ignore[misc]
-            self._recorded = list(zip(means.split(sizes), variances.split(sizes)))
+                    [torch.full((c,), 1.0 / n) for c, n in zip(sizes, self.counts)]).to(sums.device, non_blocking=True)
+            self._recorded = _mean_var(sums, torch.cat([h for _, h in self.stats]), inv_n)  # type: ignore[misc]
         return self._recorded
+
+    def recorded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(mean, biased var) of each layer's input in the last `recording()` block (views of
+        `recorded_flat`)."""
+        means, variances = self.recorded_flat()
+        sizes = [s.numel() for s, _ in self.stats]  # type: ignore[misc]
+        return list(zip(means.split(sizes), variances.split(sizes)))
 
     def remove(self) -> None:
         """Stop recording for good (later `recording()` blocks leave the layers alone)."""

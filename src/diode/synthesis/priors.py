@@ -11,6 +11,50 @@ import torch
 BN_EPS = 1e-5  # in the normalised form's denominators (BatchNorm's default eps)
 
 
+class BNLoss:
+    """The feature-distribution term for a fixed set of BN layers (see `bn_loss` for the formula).
+
+    Built once per stage: the running statistics, the layer of each channel and the per-layer
+    scales are concatenated and computed here, so each iteration costs a dozen operations on the
+    concatenated batch statistics, whatever the number of layers (`BNStatsRecorder.recorded_flat`
+    gives them concatenated: no per-layer split and re-concatenation, forward or backward).
+    """
+
+    def __init__(self, running: list[tuple[torch.Tensor, torch.Tensor]], p: float = 2.0, mean_weight: float = 1.0,
+                 var_weight: float = 1.0, layer_weights: list[float] | None = None, normalize: bool = False) -> None:
+        device = running[0][0].device
+        self.p, self.mean_weight, self.var_weight = p, mean_weight, var_weight
+        self.sizes = [m.numel() for m, _ in running]
+        counts = torch.tensor(self.sizes)
+        self.layer = torch.repeat_interleave(torch.arange(len(running)), counts).to(device)
+        self.running_mean = torch.cat([m.float().reshape(-1) for m, _ in running])
+        self.running_var = torch.cat([v.float().reshape(-1) for _, v in running])
+        self.weights = None if layer_weights is None else \
+            torch.as_tensor(layer_weights, dtype=torch.float32).to(device)
+        self.scale = None
+        if normalize:
+            per_layer = torch.zeros(len(running), device=device).index_add_(0, self.layer, self.running_var)
+            self.scale = per_layer / counts.to(device) + BN_EPS
+
+    def _norms(self, diff: torch.Tensor) -> torch.Tensor:
+        powered = diff * diff if self.p == 2 else diff.abs().pow(self.p)
+        sums = torch.zeros(len(self.sizes), device=diff.device, dtype=powered.dtype).index_add_(0, self.layer, powered)
+        # An exact match is 0 with gradient 0 (not 0 * inf from the root at 0).
+        return torch.where(sums > 0, sums.clamp_min(1e-30).pow(1.0 / self.p), torch.zeros_like(sums))
+
+    def per_layer(self, means: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
+        """Unweighted term of each layer [L], from the layers' concatenated batch means and variances."""
+        mean_norms = self._norms(means.float() - self.running_mean)
+        var_norms = self._norms(variances.float() - self.running_var)
+        if self.scale is not None:
+            mean_norms, var_norms = mean_norms / self.scale.sqrt(), var_norms / self.scale
+        return self.mean_weight * mean_norms + self.var_weight * var_norms
+
+    def __call__(self, means: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
+        per_layer = self.per_layer(means, variances)
+        return per_layer.sum() if self.weights is None else (self.weights * per_layer).sum()
+
+
 def bn_loss(recorded: list[tuple[torch.Tensor, torch.Tensor]], running: list[tuple[torch.Tensor, torch.Tensor]],
             p: float = 2.0, mean_weight: float = 1.0, var_weight: float = 1.0,
             layer_weights: list[float] | None = None, normalize: bool = False) -> torch.Tensor:
@@ -24,30 +68,11 @@ def bn_loss(recorded: list[tuple[torch.Tensor, torch.Tensor]], running: list[tup
 
     Norms are not raised to the power p (the paper's formulation); mu/var are the batch statistics
     of each BN layer's input, rm/rv its running statistics. Computed for all layers at once (one
-    concatenation and a per-layer segment sum), not in a Python loop over layers: a few kernel
-    launches instead of several per layer, which is what bounds small teachers on a GPU.
+    concatenation and a per-layer segment sum, `BNLoss`), not in a Python loop over layers: a few
+    kernel launches instead of several per layer, which is what bounds small teachers on a GPU.
     """
-    device = recorded[0][0].device
-    sizes = torch.tensor([m.numel() for m, _ in recorded], device=device)
-    layer = torch.repeat_interleave(torch.arange(len(recorded), device=device), sizes)
-    weights = torch.ones(len(recorded), device=device) if layer_weights is None else \
-        torch.as_tensor(layer_weights, dtype=torch.float32, device=device)
-
-    def norms(stats: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
-        diff = (torch.cat(stats).float() - torch.cat(targets).float()).abs()
-        powered = diff * diff if p == 2 else diff.pow(p)
-        sums = torch.zeros(len(stats), device=device, dtype=powered.dtype).index_add_(0, layer, powered)
-        # An exact match is 0 with gradient 0 (not 0 * inf from the root at 0).
-        return torch.where(sums > 0, sums.clamp_min(1e-30).pow(1.0 / p), torch.zeros_like(sums))
-
-    mean_norms = norms([m for m, _ in recorded], [m for m, _ in running])
-    var_norms = norms([v for _, v in recorded], [v for _, v in running])
-    if normalize:
-        rv = torch.cat([v for _, v in running]).float()
-        scale = torch.zeros(len(recorded), device=device).index_add_(0, layer, rv) / sizes + BN_EPS
-        mean_norms, var_norms = mean_norms / scale.sqrt(), var_norms / scale
-    per_layer = mean_weight * mean_norms + var_weight * var_norms
-    return (weights * per_layer).sum()
+    loss = BNLoss(running, p, mean_weight, var_weight, layer_weights, normalize)
+    return loss(torch.cat([m.reshape(-1) for m, _ in recorded]), torch.cat([v.reshape(-1) for _, v in recorded]))
 
 
 # (first, second) index of each neighbour pair over the last two dims: right, down, both diagonals.

@@ -30,7 +30,7 @@ from diode.detectors.base import Detector
 from diode.synthesis.augment import augment_synthesis
 from diode.synthesis.bn_stats import BNStatsRecorder, select_bn_layers
 from diode.synthesis.fp_aggregation import aggregate_false_positives
-from diode.synthesis.priors import bn_loss, image_l2, tv_l1, tv_l2
+from diode.synthesis.priors import BNLoss, image_l2, tv_l1, tv_l2
 from diode.synthesis.tiling import tile_images
 from diode.types import ImageSize, Target
 
@@ -89,21 +89,22 @@ class Synthesizer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _bn_loss(self) -> BNLoss:
+        """The BN term of `cfg.bn` against the selected layers' running statistics (built per stage)."""
+        bn = self.cfg.bn
+        return BNLoss(self.recorder.running(), bn.p, bn.mean_weight, bn.var_weight, normalize=bn.normalize)
+
     def _losses(self, images: torch.Tensor, targets: list[Target], weights: LossWeights,
-                running: list[tuple[torch.Tensor, torch.Tensor]],
-                log: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                bn_loss: BNLoss, log: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(weighted total, unweighted terms). Image priors with weight 0 cost nothing: they are
         computed, without gradient, only when `log` asks for every term's value."""
         terms: dict[str, torch.Tensor] = {}
         with self._autocast(), self.recorder.recording(), self.teacher.loss_mode():
             task_terms = self.teacher.loss(images, targets)
         terms["task"] = self.teacher.weighted_loss(task_terms).float()
-        recorded = self.recorder.recorded()
-        bn = self.cfg.bn
-        terms["bn"] = bn_loss(recorded, running, bn.p, bn.mean_weight, bn.var_weight, normalize=bn.normalize)
-        if weights.bn_first or log:
-            terms["bn_first"] = bn_loss(recorded[:1], running[:1], bn.p, bn.mean_weight, bn.var_weight,
-                                        normalize=bn.normalize)
+        per_layer = bn_loss.per_layer(*self.recorder.recorded_flat())
+        terms["bn"] = per_layer.sum()
+        terms["bn_first"] = per_layer[0]  # the first selected layer's own term
         for name, fn in (("tv_l1", tv_l1), ("tv_l2", tv_l2), ("l2", image_l2)):
             if getattr(weights, name):
                 terms[name] = fn(images)
@@ -121,7 +122,7 @@ class Synthesizer:
         # One fused kernel for the whole update where torch has it (CPU and CUDA).
         fused = params.device.type in ("cpu", "cuda")
         optimizer = torch.optim.Adam([params], lr=stage.lr, betas=stage.betas, eps=1e-8, fused=fused)
-        running = self.recorder.running()
+        bn_loss = self._bn_loss()
         jitter = int(round(stage.jitter * min(stage_size)))
         fp = self.cfg.fp
         logged: list[torch.Tensor] = []
@@ -132,7 +133,7 @@ class Synthesizer:
             images = self._render(params, stage_size)
             aug_images, aug_targets = augment_synthesis(images, targets, self.cfg.augment, jitter, gen)
             log = (it + 1) % self.cfg.log_every == 0 or it + 1 == stage.iterations
-            total, terms = self._losses(aug_images, aug_targets, stage.weights, running, log)
+            total, terms = self._losses(aug_images, aug_targets, stage.weights, bn_loss, log)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()

@@ -118,7 +118,8 @@ class YoloLite(Detector):
         level_widths = (c1, c2, c3, c4) if p2 else (c2, c3, c4)
         self.heads = nn.ModuleList(
             nn.Sequential(ConvBN(c, c, 3), nn.Conv2d(c, self.num_outputs, 1)) for c in level_widths)
-        self.register_buffer("anchors", torch.tensor([4.0 * s for s in self.strides]), persistent=False)
+        self.anchor_sizes = [4.0 * s for s in self.strides]
+        self.register_buffer("anchors", torch.tensor(self.anchor_sizes), persistent=False)
         self.loss_weights = {"box": 1.0, "obj": 1.0, "cls": 1.0}
         # NMS IoU 0.5: chosen on the embedded val split (mAP@.5 0.855 vs 0.841 at 0.6, docs/shapes-teacher.md).
         self.score_thresh, self.iou_thresh, self.max_detections = 0.001, 0.5, 100
@@ -219,19 +220,22 @@ class YoloLite(Detector):
             predictions.append({"boxes": box[keep], "scores": score[keep], "labels": label[keep]})
         return predictions
 
-    def _flatten_targets(self, targets: list[Target]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(image index, boxes, labels) of every target box, on the model's device in one transfer each."""
-        device = self.anchors.device
+    @staticmethod
+    def _flatten_targets(targets: list[Target]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image index, boxes, labels) of every target box, on the targets' device (see `_assign`)."""
+        boxes = torch.cat([t["boxes"].detach().float().reshape(-1, 4) for t in targets])
+        labels = torch.cat([t["labels"].reshape(-1) for t in targets])
         counts = torch.tensor([len(t["labels"]) for t in targets])
-        # Non-blocking: a blocking host-to-device copy makes the host wait for the device.
-        img_idx = torch.repeat_interleave(torch.arange(len(targets)), counts).to(device, non_blocking=True)
-        boxes = torch.cat([t["boxes"].float().reshape(-1, 4) for t in targets]).to(device, non_blocking=True)
-        labels = torch.cat([t["labels"].reshape(-1) for t in targets]).to(device, non_blocking=True)
+        img_idx = torch.repeat_interleave(torch.arange(len(targets)), counts).to(boxes.device, non_blocking=True)
         return img_idx, boxes, labels
 
     def _assign(self, flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor], level: int, h: int,
                 w: int) -> tuple[torch.Tensor, ...]:
-        """Positive (image, gy, gx, target box, label) tuples for one level, neighbours included."""
+        """Positive (image, gy, gx, target box, label) tuples for one level, neighbours included.
+
+        Computed where the targets are (the CPU in synthesis) and moved to the model's device in
+        non-blocking copies: the selections by mask here would each make the host wait for the
+        device if they ran there on targets from the host."""
         stride = self.strides[level]
         device = self.anchors.device
         img_idx, boxes, labels = flat
@@ -239,7 +243,8 @@ class YoloLite(Detector):
         # Width/height mismatch with every level's anchor [N, L]; a box is matched where the
         # mismatch is below ANCHOR_RATIO, and always at its best level, so tiny or thin objects
         # (sides under anchor / ANCHOR_RATIO) still get positives.
-        anchors = self.anchors[None, :, None]
+        anchors = self.anchors if self.anchors.device == boxes.device else torch.tensor(self.anchor_sizes)
+        anchors = anchors[None, :, None]
         ratios = torch.maximum(wh[:, None] / anchors, anchors / wh[:, None]).amax(2)
         ok = (ratios[:, level] < ANCHOR_RATIO) | (ratios.argmin(1) == level)
         img_idx, boxes, labels = img_idx[ok], boxes[ok], labels[ok]
@@ -247,7 +252,7 @@ class YoloLite(Detector):
         cell = centre.floor()
         frac = centre - cell
         offsets = [torch.zeros_like(cell)]
-        masks = [torch.ones(len(cell), dtype=torch.bool, device=device)]
+        masks = [torch.ones(len(cell), dtype=torch.bool, device=cell.device)]
         # The two neighbours closest to the centre: left/right and up/down.
         for dim, limit in ((0, w), (1, h)):
             low = (frac[:, dim] < 0.5) & (cell[:, dim] > 0)
@@ -262,7 +267,8 @@ class YoloLite(Detector):
         rep = len(offsets)
         cells = cells[keep]
         gx, gy = cells[:, 0].clamp(0, w - 1), cells[:, 1].clamp(0, h - 1)
-        return img_idx.repeat(rep)[keep].long(), gy, gx, boxes.repeat(rep, 1)[keep], labels.repeat(rep)[keep]
+        found = (img_idx.repeat(rep)[keep].long(), gy, gx, boxes.repeat(rep, 1)[keep], labels.repeat(rep)[keep])
+        return tuple(t.to(device, non_blocking=True) for t in found)
 
     def loss(self, images: torch.Tensor, targets: list[Target]) -> dict[str, torch.Tensor]:
         """Named unweighted terms `box`, `obj`, `cls` (see the module docstring)."""

@@ -5,7 +5,8 @@
 # SCALE=small runs every step at toy sizes (a CPU dry run of this script); PART=bench runs steps
 # 1-3 only, PART=quality step 4 only (default: all). Steps:
 #  1. synthesis overhead (compiled first: shapes-teacher, YOLOv8s; then eager shapes-teacher
-#     fp32 / bf16 / bf16+channels_last; YOLOv8s at 320 px fp32 / bf16),
+#     fp32 (with the per-part ablation) / bf16 / bf16+channels_last; YOLOv8s at 320 px fp32
+#     (ablation) / bf16),
 #  2. distillation throughput, 3. CUDA parity of the fused BN statistics,
 #  4. in parallel (one process each; small models are bound by kernel launches, so the GPU has
 #     room): quality per compute, one process per seed for `paper`@4000 and one per seed for the
@@ -41,14 +42,16 @@ for teacher in shapes-teacher ul-yolov8s; do
 done
 for prec in fp32 bf16; do
   log "overhead shapes-teacher $prec"
-  $T $PY benchmarks/synthesis_overhead.py --batch-size $B --recipe fast --iterations $IT --rounds $R --precision $prec | jl
+  ablate=""; [ $prec = fp32 ] && ablate="--ablate"  # fp32: also each part's share (key `ablation`)
+  $T $PY benchmarks/synthesis_overhead.py --batch-size $B --recipe fast --iterations $IT --rounds $R --precision $prec $ablate | jl
 done
 log "overhead shapes-teacher bf16 channels_last"
 $T $PY benchmarks/synthesis_overhead.py --batch-size $B --recipe fast --iterations $IT --rounds $R --precision bf16 --channels-last | jl
 for prec in fp32 bf16; do
   log "overhead ul-yolov8s $SIZE $prec"
+  ablate=""; [ $prec = fp32 ] && ablate="--ablate"
   $T $PY benchmarks/synthesis_overhead.py --teacher ul-yolov8s --image-size $SIZE --batch-size $BIG --recipe fast \
-      --iterations $IT --rounds $R --precision $prec --channels-last | jl
+      --iterations $IT --rounds $R --precision $prec --channels-last $ablate | jl
 done
 log "distill throughput"
 $T $PY benchmarks/distill_throughput.py --images $KD --batch-size $B --rounds 3 | jl

@@ -110,6 +110,38 @@ def test_other_settings_refused(reference):
         SynthesisRun(_teacher(), spec, reference).check_or_write_settings()
 
 
+def test_run_from_an_earlier_version_resumes_unless_something_differs(reference, tmp_path):
+    """A config.yaml written before an option existed (the key absent) matches a run with that
+    option at its default; the option at another value, or a key this version does not know, is
+    refused."""
+    import shutil
+
+    import yaml
+
+    def copy_with(edit) -> Path:
+        out = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(reference, out)
+        settings = yaml.safe_load((out / "config.yaml").read_text())
+        edit(settings["synthesis"])
+        (out / "config.yaml").write_text(yaml.safe_dump(settings))
+        return out
+
+    older = copy_with(lambda s: s["targets"].pop("max_aspect"))  # an option added in a later version
+    before = _snapshot(older)
+    run = SynthesisRun(_teacher(), _spec(), older)
+    run.check_or_write_settings()
+    run.run(progress=False)
+    run.merge()
+    assert _snapshot(older) == before
+    assert "max_aspect" in yaml.safe_load((older / "config.yaml").read_text())["synthesis"]["targets"]
+    edits = {r"different synthesis \(targets.max_aspect: 3.0 there, null here\)":
+             lambda s: s["targets"].update(max_aspect=3.0),
+             r"different synthesis \(new_option only there\)": lambda s: s.update(new_option=1)}
+    for message, edit in edits.items():
+        with pytest.raises(DiodeError, match=message):
+            SynthesisRun(_teacher(), _spec(), copy_with(edit)).check_or_write_settings()
+
+
 def test_cli_synthesize_then_train_and_evaluate(tmp_path, capsys):
     teacher = _teacher()
     save_checkpoint(tmp_path / "t.pt", teacher, command="test")

@@ -29,6 +29,7 @@ from diode.errors import DiodeError
 from diode.evaluation import evaluate_detections
 from diode.io import atomic_write_json, atomic_write_text, atomic_write_yaml, save_png
 from diode.report.grids import save_grid
+from diode.synthesis.recipes import build_config
 from diode.synthesis.synthesizer import Synthesizer, SynthesisResult
 from diode.synthesis.targets import make_sampler, targets_from_dataset
 from diode.types import ImageSize, Prediction, Target
@@ -89,6 +90,38 @@ def _agreement(predictions: list[Prediction], targets: list[Target], class_names
     return evaluate_detections(predictions, targets, class_names, image_size)["map_50"]
 
 
+def _with_defaults(synthesis: object) -> object:
+    """A recorded synthesis config with the options added since it was written set to their
+    defaults (new options default to the behaviour that came before them), so a run made by an
+    earlier version resumes when nothing it recorded differs; returned as recorded when it does
+    not parse (an unknown key from a later version: compared as is, and refused)."""
+    if not isinstance(synthesis, dict):
+        return synthesis
+    try:
+        return build_config(synthesis).to_dict()
+    except DiodeError:
+        return synthesis
+
+
+def _first_difference(theirs: object, mine: object, path: str = "") -> str:
+    """' (KEY: THEIRS there, MINE here)' for the first differing entry of two JSON values."""
+    if isinstance(theirs, dict) and isinstance(mine, dict):
+        for key in sorted(set(theirs) | set(mine)):
+            if key not in theirs or key not in mine:
+                side = "there" if key in theirs else "here"
+                return f" ({path}{key} only {side})"
+            found = _first_difference(theirs[key], mine[key], f"{path}{key}.")
+            if found:
+                return found
+        return ""
+    if isinstance(theirs, list) and isinstance(mine, list) and len(theirs) == len(mine):
+        return next((found for i, (a, b) in enumerate(zip(theirs, mine))
+                     if (found := _first_difference(a, b, f"{path.rstrip('.')}[{i}]."))), "")
+    if theirs != mine:
+        return f" ({path.rstrip('.') or 'value'}: {json.dumps(theirs)[:40]} there, {json.dumps(mine)[:40]} here)"
+    return ""
+
+
 class SynthesisRun:
     """Synthesises a run's batches into `out_dir` (this rank's share) and merges the index."""
 
@@ -136,10 +169,13 @@ class SynthesisRun:
                 theirs = None
             if not isinstance(theirs, dict):
                 raise DiodeError(f"{path}: unreadable; choose another --out")
+            theirs = {**theirs, "synthesis": _with_defaults(theirs.get("synthesis"))}
             for key in ("image_size", "seed", "teacher", "class_names", "synthesis"):
                 if json.dumps(theirs.get(key), sort_keys=True) != json.dumps(mine[key], sort_keys=True):
-                    raise DiodeError(f"{self.out_dir}: holds a run with a different {key}; rerun its own command "
-                                     f"or choose another --out")
+                    plain = lambda value: json.loads(json.dumps(value))  # noqa: E731 - tuples as lists
+                    where = _first_difference(plain(theirs.get(key)), plain(mine[key]))
+                    raise DiodeError(f"{self.out_dir}: holds a run with a different {key}{where}; rerun its own "
+                                     f"command or choose another --out")
             # A different --num-images extends or shortens the run batch by batch; a finished last
             # batch that was partial would stay short, so that case is refused.
             old_n, batch = theirs.get("num_images"), self.spec.config.batch_size

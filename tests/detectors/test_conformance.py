@@ -276,3 +276,13 @@ def test_loss_mode_trains_heads_but_not_bn() -> None:
         assert toy.training and toy.drop.training and toy.conv.training
         assert not toy.bn.training and not toy.frozen.training
     assert not any(m.training for m in toy.modules())
+
+
+def test_loss_on_host_targets_makes_no_blocking_device_copy(detector: Detector, blocking_copies) -> None:
+    """The loss (forward and backward) moves host targets to the model's device in non-blocking
+    copies only: a blocking one would make the host wait for the GPU every synthesis iteration."""
+    images = _images().requires_grad_(True)
+    with blocking_copies() as seen:
+        detector.weighted_loss(detector.loss(images, _targets())).backward()
+    assert images.grad is not None
+    assert seen.calls == []

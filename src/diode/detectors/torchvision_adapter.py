@@ -193,8 +193,10 @@ class TorchvisionDetector(Detector):
             raise ValueError(f"got {len(targets)} targets for {batch} images")
         converted = []
         for i, target in enumerate(targets):
-            boxes = target["boxes"].to(device=device, dtype=torch.float32).reshape(-1, 4)
-            labels = target["labels"].to(device=device, dtype=torch.int64).reshape(-1)
+            # Checked where the targets are (the host in synthesis), then moved without blocking:
+            # a blocking copy, or checks on the device, would make the host wait for the GPU.
+            boxes = target["boxes"].to(dtype=torch.float32).reshape(-1, 4)
+            labels = target["labels"].to(dtype=torch.int64).reshape(-1)
             if len(boxes) != len(labels):
                 raise ValueError(f"target {i}: {len(boxes)} boxes but {len(labels)} labels")
             if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
@@ -202,7 +204,8 @@ class TorchvisionDetector(Detector):
                                  f"got {labels.tolist()}")
             if len(boxes) and (boxes[:, 2:] <= boxes[:, :2]).any():
                 raise ValueError(f"target {i}: every box needs x2 > x1 and y2 > y1")
-            converted.append({"boxes": boxes, "labels": self.to_torchvision_labels(labels)})
+            converted.append({"boxes": boxes.to(device, non_blocking=True),
+                              "labels": self.to_torchvision_labels(labels).to(device, non_blocking=True)})
         return converted
 
     # ----- protocol ----------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def test_interrupted_run_resumes_to_same_dataset(reference, tmp_path, monkeypatc
 def test_other_settings_refused(reference):
     spec = _spec()
     spec.seed = 8
-    with pytest.raises(DiodeError, match="different seed"):
+    with pytest.raises(DiodeError, match=r"different seed \(7 there, 8 here\)"):
         SynthesisRun(_teacher(), spec, reference).check_or_write_settings()
 
 

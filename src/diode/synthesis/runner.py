@@ -118,7 +118,8 @@ def _first_difference(theirs: object, mine: object, path: str = "") -> str:
         return next((found for i, (a, b) in enumerate(zip(theirs, mine))
                      if (found := _first_difference(a, b, f"{path.rstrip('.')}[{i}]."))), "")
     if theirs != mine:
-        return f" ({path.rstrip('.') or 'value'}: {json.dumps(theirs)[:40]} there, {json.dumps(mine)[:40]} here)"
+        label = f"{path.rstrip('.')}: " if path else ""
+        return f" ({label}{json.dumps(theirs)[:40]} there, {json.dumps(mine)[:40]} here)"
     return ""
 
 

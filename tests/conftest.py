@@ -5,18 +5,23 @@ two OpenMP threads on a two-core machine slow each other down by orders of magni
 """
 
 import os
+import traceback
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
+
+import diode  # noqa: E402
 
 torch.set_num_threads(1)
 
-
-import traceback  # noqa: E402
-
-import pytest  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
+# Where diode's own code and the tests live (not a folder's name: a clone called "diode" holds
+# its virtual environment, third-party packages included).
+_OURS = (str(Path(diode.__file__).resolve().parent) + os.sep, str(Path(__file__).resolve().parent) + os.sep)
 
 
 class BlockingCopies(TorchFunctionMode):
@@ -36,10 +41,12 @@ class BlockingCopies(TorchFunctionMode):
             names_device = func is torch.Tensor.cuda or "device" in kwargs or any(
                 isinstance(a, (torch.device, str, torch.Tensor)) for a in args[1:])
             blocking = not (kwargs.get("non_blocking") or any(a is True for a in args[1:]))
-            caller = next((f for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename), None)
-            ours = caller is not None and any(part in caller.filename for part in ("/diode/", "/tests/"))
+            torch_dir = os.sep + "torch" + os.sep
+            caller = next((f for f in reversed(traceback.extract_stack()[:-1]) if torch_dir not in f.filename), None)
+            ours = caller is not None and str(Path(caller.filename).resolve()).startswith(_OURS)
             if names_device and blocking and ours:  # not third-party code (torchvision, ultralytics)
-                self.calls.append(f"{func.__name__} at {'/'.join(caller.filename.rsplit('/', 2)[-2:])}:{caller.lineno}")
+                where = "/".join(Path(caller.filename).parts[-2:])
+                self.calls.append(f"{func.__name__} at {where}:{caller.lineno}")
         return func(*args, **kwargs)
 
 

@@ -41,12 +41,13 @@ class BlockingCopies(TorchFunctionMode):
             names_device = func is torch.Tensor.cuda or "device" in kwargs or any(
                 isinstance(a, (torch.device, str, torch.Tensor)) for a in args[1:])
             blocking = not (kwargs.get("non_blocking") or any(a is True for a in args[1:]))
-            torch_dir = os.sep + "torch" + os.sep
-            caller = next((f for f in reversed(traceback.extract_stack()[:-1]) if torch_dir not in f.filename), None)
-            ours = caller is not None and str(Path(caller.filename).resolve()).startswith(_OURS)
-            if names_device and blocking and ours:  # not third-party code (torchvision, ultralytics)
-                where = "/".join(Path(caller.filename).parts[-2:])
-                self.calls.append(f"{func.__name__} at {where}:{caller.lineno}")
+            if names_device and blocking:
+                torch_dir = os.sep + "torch" + os.sep
+                caller = next((f for f in reversed(traceback.extract_stack()[:-1]) if torch_dir not in f.filename),
+                              None)
+                if caller is not None and str(Path(caller.filename).resolve()).startswith(_OURS):
+                    # not third-party code (torchvision's or ultralytics' own losses)
+                    self.calls.append(f"{func.__name__} at {'/'.join(Path(caller.filename).parts[-2:])}:{caller.lineno}")
         return func(*args, **kwargs)
 
 

@@ -288,17 +288,54 @@ def test_channel_mean_var_matches_var_mean_with_its_written_out_gradient() -> No
 def test_fused_frozen_bn_gradcheck() -> None:
     """The fused layer + moments function against numerical gradients, for each output alone and
     together (float64)."""
-    from diode.synthesis.bn_stats import _FrozenBNWithMoments
+    from diode.synthesis.bn_stats import _Channel, _constants, _FrozenBNWithMoments
 
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g) * 2 + 1).requires_grad_(True)
     scale = torch.rand(3, dtype=torch.float64, generator=g) + 0.5
     shift = torch.randn(3, dtype=torch.float64, generator=g)
-    zeros, ones = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
-    fn = lambda x: _FrozenBNWithMoments.apply(x, (scale, shift, zeros, ones))  # noqa: E731
+    channel = _Channel(scale, shift, scale.view(1, -1, 1, 1), *_constants(scale))
+    fn = lambda x: _FrozenBNWithMoments.apply(x, channel)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,))
     for k in range(3):
         assert torch.autograd.gradcheck(lambda x: fn(x)[k], (x,))
-    y, s, h = fn(x)  # the layer, and the per-channel sum of x and half sum of x^2 (normalised later)
+    y, s, h = fn(x)  # the layer, and the per-channel sums of x and x^2 (normalised later)
     assert torch.allclose(y, x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
-    assert torch.allclose(s, x.sum((0, 2, 3))) and torch.allclose(h, (x * x).sum((0, 2, 3)) / 2)
+    assert torch.allclose(s, x.sum((0, 2, 3))) and torch.allclose(h, (x * x).sum((0, 2, 3)))
+
+
+def test_recording_follows_changes_to_a_layer_between_recordings() -> None:
+    """The fused forward of each layer is built once and reused; a change to the layer's running
+    statistics (in place or replaced), its parameters, its mode or an instance-level forward is
+    seen by the next recording."""
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    recorder = BNStatsRecorder(net.bn_layers())
+    x = torch.randn(2, 3, 5, 5)
+
+    def check() -> None:
+        with recorder.recording():
+            out = net(x)
+        assert torch.allclose(out, net(x), atol=1e-6)
+
+    check()
+    bn = net.stage2[2]
+    with torch.no_grad():
+        bn.running_var.mul_(3.0)  # in place
+    check()
+    bn.running_mean = torch.full_like(bn.running_mean, 0.5)  # replaced
+    check()
+    bn.weight = nn.Parameter(torch.full_like(bn.weight, 2.0), requires_grad=False)
+    check()
+    bn.forward = lambda t: torch.zeros_like(t)  # an instance-level forward of someone else
+    with recorder.recording():
+        assert torch.equal(net(x), torch.zeros(2, 5, 5, 5))
+    del bn.forward
+    bn.train()  # batch statistics now: the layer's own forward, which updates its running mean
+    before = bn.running_mean.clone()
+    with recorder.recording():
+        net(x)
+    assert not torch.equal(bn.running_mean, before)
+    recorder.remove()

@@ -132,3 +132,27 @@ def test_tv_l1_gradient_written_out_matches_autograd() -> None:
     reference = sum((d.abs().mean() for d in (x[..., :, :-1] - x[..., :, 1:], x[..., :-1, :] - x[..., 1:, :],
                                               x[..., 1:, :-1] - x[..., :-1, 1:], x[..., :-1, :-1] - x[..., 1:, 1:])))
     assert tv_l1(x).item() == pytest.approx(reference.item(), rel=1e-12)
+
+
+def test_tv_l1_of_an_image_one_pixel_high_counts_only_its_row() -> None:
+    from diode.synthesis.priors import tv_l1
+
+    x = torch.tensor([[[[0.0, 1.0, 3.0]]]], dtype=torch.float64, requires_grad=True)
+    loss = tv_l1(x)  # only the two right-neighbour differences exist: mean(1, 2)
+    assert loss.item() == pytest.approx(1.5)
+    loss.backward()
+    assert x.grad.tolist() == [[[[-0.5, 0.0, 0.5]]]]
+    assert torch.autograd.gradcheck(tv_l1, (torch.rand(2, 3, 5, 1, dtype=torch.float64, requires_grad=True),))
+
+
+def test_tv_l1_of_bf16_images_sums_in_fp32_and_returns_a_bf16_gradient() -> None:
+    from diode.synthesis.priors import tv_l1
+
+    x = torch.rand(2, 3, 16, 16)
+    xb = x.to(torch.bfloat16).requires_grad_(True)
+    loss = tv_l1(xb)
+    assert loss.dtype == torch.float32
+    # Differences rounded to bf16, sums kept in fp32 (a bf16 sum of ~1,500 terms is off by ~1e-2).
+    assert loss.item() == pytest.approx(tv_l1(xb.detach().float()).item(), rel=1e-4)
+    loss.backward()
+    assert xb.grad.dtype == torch.bfloat16

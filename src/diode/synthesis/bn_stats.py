@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -35,41 +35,59 @@ def select_bn_layers(layers: list[tuple[str, nn.Module]], selection: str | int |
 
 
 def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel sum of x and half the sum of x^2 over (B, H, W) of x [B, C, H, W]: unnormalised,
-    so the gradient of the pair is just g_s + g_h * x, and the division by the count is done once
-    for all layers (`_mean_var`). Each is one pass over x: the sum of squares as a squared L2 norm
-    over H W (no x * x temporary; half the time of multiply-then-sum on the CPU), then a small sum
-    over B."""
+    """Per-channel sum of x and sum of x^2 over (B, H, W) of x [B, C, H, W]: unnormalised, so the
+    gradient of the pair is just g_s + 2 g_h x, and the division by the count is done once for
+    all layers (`_mean_var`). Each is one pass over x: the sum of squares as a squared L2 norm
+    over H W (no x * x temporary; half the time of multiply-then-sum on the CPU,
+    benchmarks/bn_moments.py), then a small sum over B."""
     flat = x.view(x.shape[0], x.shape[1], -1) if x.is_contiguous() else x.reshape(x.shape[0], x.shape[1], -1)
-    return flat.sum((0, 2)), torch.linalg.vector_norm(flat, 2, 2).square_().sum(0).mul_(0.5)
+    return flat.sum((0, 2)), torch.linalg.vector_norm(flat, 2, 2).square_().sum(0)
 
 
 _NO_EPS = 1e-30  # 1 + 1e-30 == 1 in fp32 and fp64: the division by sqrt(var + eps) is exact
 
 
+class _Channel(NamedTuple):
+    """Per-channel constants of a BN layer acting as a fixed affine map y = x * scale + shift
+    (`_frozen_affine`), and those `_affine` needs on the CPU."""
+    scale: torch.Tensor
+    shift: torch.Tensor
+    scale4d: torch.Tensor  # scale as [1, C, 1, 1]
+    zeros: torch.Tensor
+    ones: torch.Tensor
+    quarters: torch.Tensor  # 0.25: batch_norm with this variance multiplies by 2
+
+
+def _constants(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.zeros_like(like), torch.ones_like(like), torch.full_like(like, 0.25)
+
+
 def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
-            zeros_ones: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """x * scale + shift per channel in one pass. On the CPU through eval-mode batch_norm with
-    mean 0, var 1 and an eps that vanishes next to 1 in floating point (batch_norm wants eps > 0;
-    several times faster there than broadcast mul/addcmul); elsewhere one multiply-add kernel."""
+            constants: tuple[torch.Tensor, ...], double: bool = False) -> torch.Tensor:
+    """x * scale + shift per channel in one pass (x * 2 scale + shift with `double`). On the CPU
+    through eval-mode batch_norm with mean 0, var 1 (0.25 to double) and an eps that vanishes next
+    to 1 in floating point (batch_norm wants eps > 0; several times faster there than broadcast
+    mul / addcmul); elsewhere one multiply-add kernel. `constants` = (zeros, ones, quarters)."""
     if x.device.type != "cpu":
         view = (1, -1) + (1,) * (x.dim() - 2)
-        return x * scale.view(view) if shift is None else torch.addcmul(shift.view(view), x, scale.view(view))
-    zeros, ones = zeros_ones or (torch.zeros_like(scale), torch.ones_like(scale))
-    return torch.batch_norm(x, scale, shift, zeros, ones, False, 0.0, _NO_EPS, False)
+        if shift is None:
+            return x * (scale.view(view) * 2 if double else scale.view(view))
+        return torch.addcmul(shift.view(view), x, scale.view(view), value=2 if double else 1)
+    zeros, ones, quarters = constants
+    return torch.batch_norm(x, scale, shift, zeros, quarters if double else ones, False, 0.0, _NO_EPS, False)
 
 
 def _moments_grad(x: torch.Tensor, g_s: torch.Tensor | None, g_h: torch.Tensor | None,
-                  zeros_ones: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """d(sum x, sum x^2 / 2)/dx contracted with (g_s, g_h): g_s + g_h x, one pass."""
+                  constants: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """d(sum x, sum x^2)/dx contracted with (g_s, g_h): g_s + 2 g_h x, one pass."""
     like = g_s if g_s is not None else g_h
-    g_s = torch.zeros_like(like) if g_s is None else g_s
-    g_h = torch.zeros_like(like) if g_h is None else g_h
-    return _affine(x, g_h, g_s, zeros_ones)
+    constants = constants or _constants(like)
+    return _affine(x, constants[0] if g_h is None else g_h, constants[0] if g_s is None else g_s, constants,
+                   double=True)
 
 
 class _ChannelMoments(torch.autograd.Function):
-    """Per-channel (sum x, sum x^2 / 2) with the gradient written out (`_moments_grad`, one pass).
+    """Per-channel (sum x, sum x^2) with the gradient written out (`_moments_grad`, one pass).
     Several times faster on the CPU than ``torch.var_mean`` forward + backward."""
 
     @staticmethod
@@ -88,28 +106,27 @@ class _FrozenBNWithMoments(torch.autograd.Function):
     function: forward and backward each make one pass over x fewer than the layer plus
     `_ChannelMoments` (whose gradient autograd would add to the layer's in a third pass), and
     only a handful of operations per layer (the mean/variance arithmetic is done once for all
-    layers, in `BNStatsRecorder.recorded_flat`). `affine` = (scale, shift, zeros, ones) of
-    `_frozen_affine`: constants, passed as one argument and kept on `ctx` (not saved tensors),
-    which keeps the per-call cost of the function itself low (it runs once per BN layer)."""
+    layers, in `BNStatsRecorder.recorded_flat`). `channel` (`_Channel`) holds constants, passed
+    as one argument and kept on `ctx` (not saved tensors), which keeps the per-call cost of the
+    function itself low (it runs once per BN layer)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, affine: tuple[torch.Tensor, ...]):  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, channel: _Channel):  # type: ignore[override]
         ctx.save_for_backward(x)
-        ctx.affine = affine
-        scale, shift, zeros, ones = affine
-        return (_affine(x, scale, shift, (zeros, ones)),) + _moments(x)
+        ctx.channel = channel
+        return (_affine(x, channel.scale, channel.shift, channel[3:]),) + _moments(x)
 
     @staticmethod
     def backward(ctx, g_y: torch.Tensor | None, g_s: torch.Tensor | None,
                  g_h: torch.Tensor | None):  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        scale, _, zeros, ones = ctx.affine
+        channel = ctx.channel
         if g_s is None and g_h is None:
-            grad = _affine(g_y, scale, None, (zeros, ones))
+            grad = _affine(g_y, channel.scale, None, channel[3:])
         else:
-            grad = _moments_grad(x, g_s, g_h, (zeros, ones))
+            grad = _moments_grad(x, g_s, g_h, channel[3:])
             if g_y is not None:  # in place: a second activation-size temporary costs more than the add
-                grad = grad.addcmul_(g_y, scale.view((1, -1) + (1,) * (x.dim() - 2)))
+                grad = grad.addcmul_(g_y, channel.scale4d)
         return grad, None
 
 
@@ -117,7 +134,7 @@ def _mean_var(s: torch.Tensor, h: torch.Tensor, inv_n: torch.Tensor | float) -> 
     """(mean, biased var) from the sums of `_moments` and 1 / count (per channel or one number).
     BN inputs are O(1) activations, so the cancellation in E[x^2] - E[x]^2 is negligible in fp32."""
     mean = s * inv_n
-    return mean, (h * (2 * inv_n) - mean * mean).clamp_(min=0)
+    return mean, (h * inv_n - mean * mean).clamp_(min=0)
 
 
 def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,8 +148,8 @@ def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _mean_var(*_channel_moments(x), 1.0 / (x.numel() // x.shape[1]))
 
 
-def _frozen_affine(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
-    """(scale, shift, zeros, ones) of a BN layer that acts as a fixed per-channel affine map right
+def _frozen_affine(module: nn.Module) -> _Channel | None:
+    """The `_Channel` constants of a BN layer that acts as a fixed per-channel affine map right
     now (eval-mode BatchNorm2d with running statistics, or FrozenBatchNorm2d, no parameter requiring
     a gradient), else None."""
     if isinstance(module, nn.BatchNorm2d):
@@ -149,7 +166,7 @@ def _frozen_affine(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
         shift = shift * module.weight.float()
     if module.bias is not None:
         shift = shift + module.bias.float()
-    return scale, shift, torch.zeros_like(scale), torch.ones_like(scale)
+    return _Channel(scale, shift, scale.view(1, -1, 1, 1), *_constants(scale))
 
 
 class BNStatsRecorder:
@@ -157,8 +174,9 @@ class BNStatsRecorder:
 
     Inside `recording()` each selected layer's `forward` is replaced: a frozen layer on an fp32
     input runs as `_FrozenBNWithMoments` (the layer and its input's moments fused); any other
-    layer (in training mode, bf16 input, another BN type) records the moments of its input and
-    runs its own forward. Under `torch.compile` the moments are plain reductions, for the
+    layer (in training mode, bf16 input, another BN type, an instance-level `forward`) records
+    the moments of its input and runs its own forward. The replacement of each layer is built
+    once and reused while the layer's state (`_state`) is unchanged. Under `torch.compile` the moments are plain reductions, for the
     compiler to fuse with the layer. Outside `recording()` the layers are untouched and cost nothing extra.
     """
 
@@ -170,24 +188,36 @@ class BNStatsRecorder:
         self._inv_counts: dict[tuple, torch.Tensor] = {}  # (device, counts) -> 1 / count per channel
         self._removed = False
         self._recorded: tuple[torch.Tensor, torch.Tensor] | None = None  # recorded_flat's result
-        self._affines: dict[int, tuple] = {}  # index -> (buffer versions, affine): reused while unchanged
+        # index -> (state key, forward): the wrapped forward of each layer, rebuilt only when the
+        # layer's mode, buffers or parameters (or an instance-level forward) change.
+        self._forwards: dict[int, tuple[tuple, Callable]] = {}
 
-    def _affine_of(self, index: int, module: nn.Module) -> tuple[torch.Tensor, ...] | None:
-        tensors = [t for t in (module.running_mean, module.running_var, module.weight, module.bias) if t is not None]
-        key = (module.training, tuple((t.data_ptr(), t._version, t.requires_grad) for t in tensors))
-        cached = self._affines.get(index)
-        if cached is None or cached[0] != key:
-            cached = self._affines[index] = (key, _frozen_affine(module))
+    @staticmethod
+    def _state(module: nn.Module) -> tuple:
+        """What the fused path depends on, read without nn.Module's attribute lookup (this runs
+        for every layer at every iteration): mode, instance forward, and each buffer's and
+        parameter's identity, version and requires_grad."""
+        d = module.__dict__
+        tensors = list(d["_buffers"].values()) + list(d["_parameters"].values())
+        return (d["training"], d.get("forward"), *[(t.data_ptr(), t._version, t.requires_grad)
+                                                   for t in tensors if t is not None])
+
+    def _forward_of(self, index: int, module: nn.Module) -> Callable:
+        state = self._state(module)
+        cached = self._forwards.get(index)
+        if cached is None or cached[0] != state:
+            cached = self._forwards[index] = (state, self._make_forward(index, module, module.forward))
         return cached[1]
 
     def _make_forward(self, index: int, module: nn.Module, original):
-        affine = self._affine_of(index, module)
+        # Fused only for the layer's own forward: an instance-level one (someone else's) runs as is.
+        affine = None if "forward" in module.__dict__ else _frozen_affine(module)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             self.counts[index] = x.numel() // x.shape[1]
             if torch.compiler.is_compiling():  # plain operations: the compiler fuses them with the layer
                 xf = x.float()
-                self.stats[index] = (xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)) * 0.5)
+                self.stats[index] = (xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)))
                 return original(x)
             if affine is not None and x.dtype == torch.float32:
                 y, s, h = _FrozenBNWithMoments.apply(x, affine)
@@ -208,17 +238,20 @@ class BNStatsRecorder:
         if self._removed:
             yield self
             return
-        saved = [m.__dict__.get("forward") for m in self.modules]
-        for i, m in enumerate(self.modules):
-            m.forward = self._make_forward(i, m, m.forward)
+        # Set and restored through the instance dict: nn.Module's __setattr__ / __delattr__ cost
+        # more than the rest of this per layer.
+        dicts = [m.__dict__ for m in self.modules]
+        saved = [d.get("forward") for d in dicts]
+        for i, (m, d) in enumerate(zip(self.modules, dicts)):
+            d["forward"] = self._forward_of(i, m)
         try:
             yield self
         finally:
-            for m, previous in zip(self.modules, saved):
+            for d, previous in zip(dicts, saved):
                 if previous is None:
-                    del m.forward
+                    del d["forward"]
                 else:
-                    m.forward = previous
+                    d["forward"] = previous
 
     def recorded_flat(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(means, biased variances) of all layers' inputs in the last `recording()` block,

@@ -23,32 +23,36 @@ class BNLoss:
     def __init__(self, running: list[tuple[torch.Tensor, torch.Tensor]], p: float = 2.0, mean_weight: float = 1.0,
                  var_weight: float = 1.0, layer_weights: list[float] | None = None, normalize: bool = False) -> None:
         device = running[0][0].device
-        self.p, self.mean_weight, self.var_weight = p, mean_weight, var_weight
+        self.p = p
         self.sizes = [m.numel() for m, _ in running]
         counts = torch.tensor(self.sizes)
-        self.layer = torch.repeat_interleave(torch.arange(len(running)), counts).to(device)
-        self.running_mean = torch.cat([m.float().reshape(-1) for m, _ in running])
-        self.running_var = torch.cat([v.float().reshape(-1) for _, v in running])
+        layers = len(running)
+        # Means and variances are one vector [means; variances] against [running means; running
+        # variances], their norms one segment sum over 2 L segments (variances' layers offset by L).
+        layer = torch.repeat_interleave(torch.arange(layers), counts)
+        self.segment = torch.cat([layer, layer + layers]).to(device)
+        running_mean = torch.cat([m.float().reshape(-1) for m, _ in running])
+        running_var = torch.cat([v.float().reshape(-1) for _, v in running])
+        self.running = torch.cat([running_mean, running_var])
         self.weights = None if layer_weights is None else \
             torch.as_tensor(layer_weights, dtype=torch.float32).to(device)
-        self.scale = None
+        # Each segment's norm is multiplied by its factor: mean_weight / sqrt(s_l) for the means,
+        # var_weight / s_l for the variances (s_l = 1 without `normalize`).
+        scale = torch.ones(layers, device=device)
         if normalize:
-            per_layer = torch.zeros(len(running), device=device).index_add_(0, self.layer, self.running_var)
-            self.scale = per_layer / counts.to(device) + BN_EPS
-
-    def _norms(self, diff: torch.Tensor) -> torch.Tensor:
-        powered = diff * diff if self.p == 2 else diff.abs().pow(self.p)
-        sums = torch.zeros(len(self.sizes), device=diff.device, dtype=powered.dtype).index_add_(0, self.layer, powered)
-        # An exact match is 0 with gradient 0 (not 0 * inf from the root at 0).
-        return torch.where(sums > 0, sums.clamp_min(1e-30).pow(1.0 / self.p), torch.zeros_like(sums))
+            per_layer = torch.zeros(layers, device=device).index_add_(0, layer.to(device), running_var)
+            scale = per_layer / counts.to(device) + BN_EPS
+        self.factors = torch.cat([mean_weight / scale.sqrt(), var_weight / scale])
 
     def per_layer(self, means: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
         """Unweighted term of each layer [L], from the layers' concatenated batch means and variances."""
-        mean_norms = self._norms(means.float() - self.running_mean)
-        var_norms = self._norms(variances.float() - self.running_var)
-        if self.scale is not None:
-            mean_norms, var_norms = mean_norms / self.scale.sqrt(), var_norms / self.scale
-        return self.mean_weight * mean_norms + self.var_weight * var_norms
+        diff = torch.cat([means.float(), variances.float()]) - self.running
+        powered = diff * diff if self.p == 2 else diff.abs().pow(self.p)
+        sums = torch.zeros(len(self.factors), device=diff.device, dtype=powered.dtype).index_add_(0, self.segment, powered)
+        # An exact match is 0 with gradient 0 (not 0 * inf from the root at 0).
+        norms = torch.where(sums > 0, sums.clamp_min(1e-30).pow(1.0 / self.p), 0.0) * self.factors
+        layers = len(self.sizes)
+        return norms[:layers] + norms[layers:]
 
     def __call__(self, means: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
         per_layer = self.per_layer(means, variances)
@@ -89,23 +93,22 @@ def _neighbour_differences(images: torch.Tensor) -> list[torch.Tensor]:
 
 class _TVL1(torch.autograd.Function):
     """tv_l1 with its gradient written out: sum over directions of mean |x_a - x_b|, gradient
-    sign(x_a - x_b) / n added at a and subtracted at b. Same values and gradients as autograd
+    G = sign(x_a - x_b) / n added at a and subtracted at b. Same values and gradients as autograd
     through slicing and abs (which would build and add eight zero-padded image-size tensors in
-    backward). The gradient is accumulated in the forward, each direction's signs added while
-    they are still in cache (and the first direction writes it, no zero fill): backward is one
-    multiply. About 1 ms less per iteration than keeping the signs for backward at 16 x 128 x
-    128 on the 2-core CPU, measured in the synthesis loop (results/perf.md)."""
+    backward). G is accumulated in the forward, each direction's signs added while they are
+    still in cache (the first direction writes G, no zero fill), and the value is the dot
+    product x . G (the sum over pairs of sign(x_a - x_b) (x_a - x_b) / n, regrouped by pixel: no
+    abs and sum per direction); backward is one multiply. About 1 ms less per iteration than
+    keeping the signs for backward, at 16 x 128 x 128 on the 2-core CPU (results/perf.md)."""
 
     @staticmethod
     def forward(ctx, images: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         dtype = torch.promote_types(images.dtype, torch.float32)
-        total = images.new_zeros((), dtype=dtype)
         grad = torch.empty(images.shape, dtype=dtype, device=images.device)
         grad[..., :, -1].zero_()  # the first direction (to the right) writes every other column
         for k, (d, (a, b)) in enumerate(zip(_neighbour_differences(images), _PAIRS)):
             if d.numel() == 0:  # an image 1 px wide or high has no neighbours in this direction
                 continue
-            total = total + d.abs().sum(dtype=dtype) / d.numel()
             sign = d.sign_()
             if k == 0:
                 torch.mul(sign, 1.0 / d.numel(), out=grad[..., a[0], a[1]])
@@ -114,7 +117,8 @@ class _TVL1(torch.autograd.Function):
             grad[..., b[0], b[1]].sub_(sign, alpha=1.0 / d.numel())
         ctx.save_for_backward(grad)
         ctx.dtype = images.dtype
-        return total
+        # (a copy only for a non-contiguous or low-precision image)
+        return torch.dot(images.reshape(-1).to(dtype), grad.view(-1))
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

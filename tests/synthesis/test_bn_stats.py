@@ -339,3 +339,21 @@ def test_recording_follows_changes_to_a_layer_between_recordings() -> None:
         net(x)
     assert not torch.equal(bn.running_mean, before)
     recorder.remove()
+
+
+def test_bn_layers_are_found_by_their_running_statistics_whatever_holds_them() -> None:
+    """Buffers (BatchNorm2d, FrozenBatchNorm2d) or plain tensor attributes count; a BatchNorm
+    without running statistics (track_running_stats=False) does not."""
+
+    class PlainStats(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.running_mean, self.running_var = torch.zeros(3), torch.ones(3)
+
+    class Net(Detector):
+        def __init__(self) -> None:
+            super().__init__(["a"], (8, 8))
+            self.layers = nn.ModuleList([nn.BatchNorm2d(3), FrozenBatchNorm2d(3), PlainStats(),
+                                         nn.BatchNorm2d(3, track_running_stats=False), nn.Conv2d(3, 3, 1)])
+
+    assert [name for name, _ in Net().bn_layers()] == ["layers.0", "layers.1", "layers.2"]

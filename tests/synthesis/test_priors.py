@@ -157,18 +157,3 @@ def test_tv_l1_of_bf16_images_sums_in_fp32_and_returns_a_bf16_gradient() -> None
     loss.backward()
     assert xb.grad.dtype == torch.bfloat16
 
-
-def test_tv_l1_in_blocks_of_planes_equals_the_whole_batch(monkeypatch) -> None:
-    """On the CPU tv_l1 walks the image planes in cache-sized blocks; with blocks of a plane or
-    two (not dividing the batch) value and gradient are those of the whole batch at once."""
-    from diode.synthesis import priors
-
-    x = torch.rand(5, 3, 7, 9, dtype=torch.float64, requires_grad=True)
-    whole = priors.tv_l1(x)
-    (expected,) = torch.autograd.grad(whole, x)
-    monkeypatch.setattr(priors, "_TV_BLOCK_BYTES", 2 * 7 * 9 * 8)  # two float64 planes per block
-    blocked = priors.tv_l1(x)
-    (grad,) = torch.autograd.grad(blocked, x)
-    assert blocked.item() == pytest.approx(whole.item(), rel=1e-12)
-    assert torch.allclose(grad, expected, rtol=0, atol=1e-15)
-    assert torch.autograd.gradcheck(priors.tv_l1, (x,))

@@ -98,7 +98,7 @@ class Detector(nn.Module):
             # Each module's own flag back, without nn.Module's __setattr__: `m.train(flag)` on
             # every module would recurse into its children each time (quadratic in the depth).
             # The synthesis loop enters this every iteration: ~3 ms a call on the bundled teacher
-            # before, ~0.7 ms now (mostly the detector's own `train()`).
+            # before, ~1 ms now, mostly the detector's own `train()` (benchmarks/loop_parts.py).
             for m, training in modes:
                 object.__setattr__(m, "training", training)
 

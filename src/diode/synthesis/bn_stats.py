@@ -176,8 +176,9 @@ class BNStatsRecorder:
     input runs as `_FrozenBNWithMoments` (the layer and its input's moments fused); any other
     layer (in training mode, bf16 input, another BN type, an instance-level `forward`) records
     the moments of its input and runs its own forward. The replacement of each layer is built
-    once and reused while the layer's state (`_state`) is unchanged. Under `torch.compile` the moments are plain reductions, for the
-    compiler to fuse with the layer. Outside `recording()` the layers are untouched and cost nothing extra.
+    once and reused while the layer's state (`_state`) is unchanged. Under `torch.compile` the
+    moments are plain reductions, for the compiler to fuse with the layer. Outside `recording()`
+    the layers are untouched and cost nothing extra.
     """
 
     def __init__(self, layers: list[tuple[str, nn.Module]]) -> None:

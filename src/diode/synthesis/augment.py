@@ -9,6 +9,7 @@ clamped to the image, dropped when their area falls below 1 px^2. Gradients flow
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,18 +20,18 @@ from diode.types import Target
 
 class _PermutePixels(torch.autograd.Function):
     """out[b, c, k] = x[b, c, index[b, k]] over the flattened pixels, for a per-image permutation
-    `index` [B, H*W]; the gradient is the gather with the inverse permutation (no scatter-add)."""
+    `index` [B, H*W]; the gradient is the gather with the inverse permutation (no scatter-add),
+    built by `inverse()` when backward needs it (not kept alive in between)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, index: torch.Tensor,  # type: ignore[override]
-                inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
+                inverse: Callable[[], torch.Tensor]) -> torch.Tensor:
+        ctx.inverse = inverse
         return _gather_pixels(x, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (inverse,) = ctx.saved_tensors
-        return _gather_pixels(grad, inverse), None, None
+        return _gather_pixels(grad, ctx.inverse()), None, None
 
 
 def _gather_pixels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -49,9 +50,11 @@ def _roll_flip(images: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: t
     rows = (i - dy[:, None]) % h  # [B, H]
     cols = (mirror(j) - dx[:, None]) % w  # [B, W]
     index = (rows[:, :, None] * w + cols[:, None, :]).view(b, h * w)
-    inv_rows = (i + dy[:, None]) % h
-    inv_cols = mirror((j + dx[:, None]) % w)
-    inverse = (inv_rows[:, :, None] * w + inv_cols[:, None, :]).view(b, h * w)
+
+    def inverse() -> torch.Tensor:
+        inv_rows = (i + dy[:, None]) % h
+        inv_cols = mirror((j + dx[:, None]) % w)
+        return (inv_rows[:, :, None] * w + inv_cols[:, None, :]).view(b, h * w)
     return _PermutePixels.apply(images, index, inverse)
 
 

@@ -1,6 +1,8 @@
 """Per-channel moments of a BN layer's input (sum x, sum x^2): multiply-then-sum against a squared
 L2 norm (what `diode.synthesis.bn_stats` uses), forward only, at activation shapes of the bundled
-teacher at batch 16 and 128 px. Prints JSON (milliseconds, median of 5 rounds).
+teacher at batch 16 and 128 px; and for a channels_last activation, the sums over its
+[B, C, H W] view (strided) against its [B H W, C] rows (`bn_stats._moments`), summed over the
+teacher's 58 BN inputs at batch 16. Prints JSON (milliseconds, median of 5 rounds).
 
     OMP_NUM_THREADS=2 python benchmarks/bn_moments.py
 """
@@ -34,7 +36,19 @@ def main() -> None:
         mul_sum = _ms(lambda: (flat.sum(2).sum(0), torch.mul(flat, flat).sum(2).sum(0)))
         norm = _ms(lambda: (flat.sum(2).sum(0), torch.linalg.vector_norm(flat, 2, dim=2).square_().sum(0)))
         rows.append({"shape": list(shape), "mul_sum_ms": mul_sum, "l2_norm_ms": norm, "ratio": round(norm / mul_sum, 3)})
-    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}))
+    # The bundled teacher's BN inputs at batch 16, 128 px: shape -> how many layers.
+    layers = {(16, 24, 16, 16): 9, (16, 48, 8, 8): 9, (16, 48, 16, 16): 8, (16, 96, 8, 8): 8, (16, 128, 4, 4): 7,
+              (16, 24, 32, 32): 6, (16, 64, 4, 4): 5, (16, 12, 32, 32): 4, (16, 16, 64, 64): 1, (16, 96, 4, 4): 1}
+    strided = by_rows = 0.0
+    for shape, count in layers.items():
+        x = torch.randn(shape).to(memory_format=torch.channels_last)
+        flat = x.reshape(shape[0], shape[1], -1)  # a view with the pixels strided by C
+        rows_view = x.permute(0, 2, 3, 1).reshape(-1, shape[1])
+        strided += count * _ms(lambda: (flat.sum((0, 2)), torch.linalg.vector_norm(flat, 2, 2).square_().sum(0)))
+        by_rows += count * _ms(lambda: (rows_view.sum(0), torch.linalg.vector_norm(rows_view, 2, 0).square_()))
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
+                      "channels_last_teacher_layers": {"strided_view_ms": round(strided, 3),
+                                                       "rows_view_ms": round(by_rows, 3)}}))
 
 
 if __name__ == "__main__":

@@ -357,3 +357,29 @@ def test_bn_layers_are_found_by_their_running_statistics_whatever_holds_them() -
                                          nn.BatchNorm2d(3, track_running_stats=False), nn.Conv2d(3, 3, 1)])
 
     assert [name for name, _ in Net().bn_layers()] == ["layers.0", "layers.1", "layers.2"]
+
+
+def test_moments_of_a_channels_last_activation_need_no_copy() -> None:
+    """Sums of a channels_last activation are taken over its [B H W, C] view: the same values as
+    for NCHW, without copying the activation (no clone or copy among the operations run)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from diode.synthesis.bn_stats import _moments
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(4, 6, 5, 7)
+    expected = _moments(x)
+    x_cl = x.to(memory_format=torch.channels_last)
+    with Ops() as ops:
+        s, h = _moments(x_cl)
+    assert torch.allclose(s, expected[0], atol=1e-5) and torch.allclose(h, expected[1], rtol=1e-5)
+    assert not [name for name in ops.names if "clone" in name or "copy" in name]
+    assert torch.allclose(h, (x * x).sum((0, 2, 3)), rtol=1e-5)

@@ -39,7 +39,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20, help="timed iterations per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--channels-last", action="store_true", help="teacher and images in channels_last")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="teacher in channels_last, as `diode synthesize --channels-last` (the pixels stay NCHW; "
+                             "until session 7 this also made the images channels_last)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the teacher's network for both the loop and the bare pass")
     parser.add_argument("--ablate", action="store_true",
@@ -71,7 +73,7 @@ def main() -> None:
     synth = Synthesizer(teacher, cfg)
     gen = torch.Generator().manual_seed(0)
     targets = sample_one_box(args.batch_size, image_size, teacher.num_classes, gen)
-    images = torch.rand(args.batch_size, 3, *image_size, device=device).contiguous(memory_format=memory_format)
+    images = torch.rand(args.batch_size, 3, *image_size, device=device)
 
     def bare() -> float:
         x = images.clone().requires_grad_(True)

@@ -21,7 +21,7 @@ from diode.allocator import keep_freed_memory
 from diode.detectors.checkpoint import load_detector
 from diode.detectors.registry import build_detector
 from diode.synthesis.recipes import build_config, load_recipe
-from diode.synthesis.synthesizer import Synthesizer
+from diode.synthesis.synthesizer import Synthesizer, use_channels_last
 from diode.synthesis.targets import sample_one_box
 
 
@@ -39,9 +39,10 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20, help="timed iterations per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="teacher in channels_last, as `diode synthesize --channels-last` (the pixels stay NCHW; "
-                             "until session 7 this also made the images channels_last)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="teacher in channels_last, as `diode synthesize --channels-last` (default as there: on "
+                             "for the CPU; the pixels stay NCHW; until session 7 this made the images channels_last "
+                             "too, and the default was off)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the teacher's network for both the loop and the bare pass")
     parser.add_argument("--ablate", action="store_true",
@@ -59,6 +60,7 @@ def main() -> None:
         teacher = build_detector(args.teacher, class_names=[f"c{i}" for i in range(80)],
                                  image_size=tuple(args.image_size or (320, 320))).to(device).eval()
     image_size = tuple(args.image_size or teacher.image_size)
+    args.channels_last = use_channels_last(device, args.channels_last)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     teacher = teacher.to(memory_format=memory_format)
     if args.compile:

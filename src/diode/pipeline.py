@@ -17,6 +17,7 @@ from diode.detectors.registry import build_detector
 from diode.distill.losses import DistillConfig, DistillObjective, resolve_methods
 from diode.evaluation import evaluate_detector
 from diode.synthesis.runner import RunSpec, SynthesisRun
+from diode.synthesis.synthesizer import use_channels_last
 from diode.training.trainer import supervised_objective, train_detector
 from diode.types import Target, empty_target
 
@@ -24,11 +25,20 @@ from diode.types import Target, empty_target
 def synthesize_dataset(teacher: Detector, teacher_name: str, cfg: SynthesisConfig, out_dir: Path, num_images: int,
                        seed: int, *, command: str = "", progress: bool = True,
                        verifier: Detector | None = None) -> dict:
-    """Run (or finish) a synthesis into `out_dir`; returns its summary (see runner.merge)."""
+    """Run (or finish) a synthesis into `out_dir`; returns its summary (see runner.merge). The
+    teacher runs in channels_last where that is the default (`use_channels_last`: the CPU) and is
+    given back in the contiguous format."""
     run = SynthesisRun(teacher, RunSpec(num_images, teacher.image_size, seed, teacher_name, cfg), out_dir,
                        command=command, verifier=verifier)
     run.check_or_write_settings()
-    run.run(progress=progress)
+    channels_last = use_channels_last(next(teacher.parameters()).device)
+    if channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    try:
+        run.run(progress=progress)
+    finally:
+        if channels_last:
+            teacher.to(memory_format=torch.contiguous_format)
     return run.merge()
 
 

@@ -48,6 +48,13 @@ class SynthesisResult:
     fp_added: int = 0
 
 
+def use_channels_last(device: torch.device, requested: bool | None = None) -> bool:
+    """Whether synthesis runs the teacher in channels_last memory format: as `requested`, by
+    default on the CPU only (synthesis 6-10 % faster there with it for the three teachers measured,
+    results/perf.md session 7; not measured that way on a GPU, so off there unless asked)."""
+    return device.type == "cpu" if requested is None else requested
+
+
 def _stage_size(image_size: ImageSize, scale: float, multiple: int) -> ImageSize:
     """Each side scaled and rounded to a multiple the detector accepts (so a low-resolution stage
     of a non-square image may not keep its exact aspect; boxes are scaled the same way)."""

@@ -529,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--precision", choices=["fp32", "bf16"], help="override the recipe's precision")
     syn.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                      help="teacher in channels_last memory format (default: on for the CPU, where synthesis is "
-                          "6-10 %% faster with it for the teachers in results/perf.md; off on GPUs)")
+                          "6-13 %% faster with it for the teachers in results/perf.md; off on GPUs)")
     syn.add_argument("--compile", action="store_true",
                      help="torch.compile the teacher's network, BN statistics included (fixed shapes; the "
                           "first iterations of each stage size wait for the compiler; needs a C++ compiler on CPU)")

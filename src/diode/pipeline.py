@@ -27,17 +27,19 @@ def synthesize_dataset(teacher: Detector, teacher_name: str, cfg: SynthesisConfi
                        verifier: Detector | None = None) -> dict:
     """Run (or finish) a synthesis into `out_dir`; returns its summary (see runner.merge). The
     teacher runs in channels_last where that is the default (`use_channels_last`: the CPU) and is
-    given back in the contiguous format."""
+    given back in the format it came in."""
     run = SynthesisRun(teacher, RunSpec(num_images, teacher.image_size, seed, teacher_name, cfg), out_dir,
                        command=command, verifier=verifier)
     run.check_or_write_settings()
-    channels_last = use_channels_last(next(teacher.parameters()).device)
-    if channels_last:
+    weights = [p for p in teacher.parameters() if p.dim() == 4]
+    convert = use_channels_last(next(teacher.parameters()).device) and bool(weights) and \
+        weights[0].is_contiguous() and not weights[0].is_contiguous(memory_format=torch.channels_last)
+    if convert:
         teacher.to(memory_format=torch.channels_last)
     try:
         run.run(progress=progress)
     finally:
-        if channels_last:
+        if convert:
             teacher.to(memory_format=torch.contiguous_format)
     return run.merge()
 

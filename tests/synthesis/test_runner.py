@@ -216,3 +216,28 @@ def test_growing_a_run_whose_last_batch_was_partial_is_refused(tmp_path):
     with pytest.raises(DiodeError, match="last batch is partial"):
         SynthesisRun(_teacher(), _spec(4), tmp_path).check_or_write_settings()
     SynthesisRun(_teacher(), _spec(3), tmp_path).check_or_write_settings()  # the same run resumes
+
+
+@pytest.mark.parametrize("start", ["contiguous", "channels_last"])
+def test_pipeline_synthesis_runs_the_teacher_in_channels_last_on_the_cpu(tmp_path, monkeypatch, start: str) -> None:
+    """`pipeline.synthesize_dataset` (demo, experiment) runs a CPU teacher in channels_last, the
+    CPU default, and gives it back in the memory format it came in."""
+    from diode import pipeline
+
+    teacher = _teacher()
+    cl = torch.channels_last
+    if start == "channels_last":
+        teacher = teacher.to(memory_format=cl)
+    seen = []
+    original = SynthesisRun.run
+
+    def run(self, *args, **kwargs):
+        seen.append(next(p for p in self.teacher.parameters() if p.dim() == 4).is_contiguous(memory_format=cl))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SynthesisRun, "run", run)
+    pipeline.synthesize_dataset(teacher, "tiny", _config(), tmp_path / "syn", 2, seed=0, progress=False)
+    assert seen == [True]
+    conv = next(p for p in teacher.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=cl) == (start == "channels_last")
+    assert conv.is_contiguous() == (start == "contiguous")

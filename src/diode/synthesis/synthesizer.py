@@ -50,7 +50,7 @@ class SynthesisResult:
 
 def use_channels_last(device: torch.device, requested: bool | None = None) -> bool:
     """Whether synthesis runs the teacher in channels_last memory format: as `requested`, by
-    default on the CPU only (synthesis 6-10 % faster there with it for the three teachers measured,
+    default on the CPU only (synthesis 6-13 % faster there with it for the three teachers measured,
     results/perf.md session 7; not measured that way on a GPU, so off there unless asked)."""
     return device.type == "cpu" if requested is None else requested
 

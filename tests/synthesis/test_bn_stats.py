@@ -360,8 +360,9 @@ def test_bn_layers_are_found_by_their_running_statistics_whatever_holds_them() -
 
 
 def test_moments_of_a_channels_last_activation_need_no_copy() -> None:
-    """Sums of a channels_last activation are taken over its [B H W, C] view: the same values as
-    for NCHW, without copying the activation (no clone or copy among the operations run)."""
+    """Sums of a channels_last activation (taken over its [B H W, C] rows, 3x faster than the
+    strided [B, C, H W] view: benchmarks/bn_moments.py): the same values as for NCHW, and no copy
+    of the activation (no clone or copy among the operations run)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from diode.synthesis.bn_stats import _moments

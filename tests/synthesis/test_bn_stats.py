@@ -285,13 +285,16 @@ def test_channel_mean_var_matches_var_mean_with_its_written_out_gradient() -> No
     assert torch.autograd.gradcheck(channel_mean_var, (x,))
 
 
-def test_fused_frozen_bn_gradcheck() -> None:
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fused_frozen_bn_gradcheck(memory_format: torch.memory_format) -> None:
     """The fused layer + moments function against numerical gradients, for each output alone and
-    together (float64)."""
+    together (float64), in both memory formats (channels_last takes other kernels: moments as
+    matrix-vector products, the affine map broadcast); the layer's output keeps the format."""
     from diode.synthesis.bn_stats import _Channel, _constants, _FrozenBNWithMoments
 
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g) * 2 + 1).requires_grad_(True)
+    x = (torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g) * 2 + 1).to(memory_format=memory_format)
+    x.requires_grad_(True)
     scale = torch.rand(3, dtype=torch.float64, generator=g) + 0.5
     shift = torch.randn(3, dtype=torch.float64, generator=g)
     channel = _Channel(scale, shift, scale.view(1, -1, 1, 1), *_constants(scale))
@@ -300,6 +303,7 @@ def test_fused_frozen_bn_gradcheck() -> None:
     for k in range(3):
         assert torch.autograd.gradcheck(lambda x: fn(x)[k], (x,))
     y, s, h = fn(x)  # the layer, and the per-channel sums of x and x^2 (normalised later)
+    assert y.is_contiguous(memory_format=memory_format)
     assert torch.allclose(y, x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
     assert torch.allclose(s, x.sum((0, 2, 3))) and torch.allclose(h, (x * x).sum((0, 2, 3)))
 
@@ -360,9 +364,10 @@ def test_bn_layers_are_found_by_their_running_statistics_whatever_holds_them() -
 
 
 def test_moments_of_a_channels_last_activation_need_no_copy() -> None:
-    """Sums of a channels_last activation (taken over its [B H W, C] rows, 3x faster than the
-    strided [B, C, H W] view: benchmarks/bn_moments.py): the same values as for NCHW, and no copy
-    of the activation (no clone or copy among the operations run)."""
+    """Sums of a channels_last activation (matrix-vector products of its [B H W, C] rows with a
+    vector of ones, 4x faster than over the strided [B, C, H W] view: benchmarks/bn_moments.py):
+    the same values as for NCHW, and no copy of the activation (no clone or copy among the
+    operations run)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from diode.synthesis.bn_stats import _moments

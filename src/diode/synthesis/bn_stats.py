@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 from typing import Callable, Iterator, NamedTuple
 
 import torch
@@ -34,18 +35,29 @@ def select_bn_layers(layers: list[tuple[str, nn.Module]], selection: str | int |
     return chosen
 
 
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.ones(n, dtype=dtype, device=device)
+
+
 def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel sum of x and sum of x^2 over (B, H, W) of x [B, C, H, W]: unnormalised, so the
     gradient of the pair is just g_s + 2 g_h x, and the division by the count is done once for
-    all layers (`_mean_var`). Each is one pass over x: the sum of squares as a squared L2 norm
-    (no x * x temporary; half the time of multiply-then-sum on the CPU, benchmarks/bn_moments.py),
-    over H W then a small sum over B for NCHW; for channels_last over the rows of the
-    [B H W, C] view (the [B, C, H W] view strides the pixels by C: 3x slower over the bundled
-    teacher's layers on the CPU, benchmarks/bn_moments.py)."""
+    all layers (`_mean_var`). For NCHW each is one pass over x: the sum of squares as a squared L2
+    norm (no x * x temporary; half the time of multiply-then-sum on the CPU,
+    benchmarks/bn_moments.py), over H W then a small sum over B. A channels_last activation is a
+    [B H W, C] matrix whose rows are pixels: its sums are matrix-vector products with a vector of
+    ones (BLAS; half the time of reducing the rows or the strided [B, C, H W] view on the CPU,
+    which vectorise poorly over a few dozen channels, benchmarks/bn_moments.py)."""
     b, c = x.shape[:2]
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if _is_channels_last(x):
         rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: channels are the contiguous dimension
-        return rows.sum(0), torch.linalg.vector_norm(rows, 2, 0).square_()
+        ones = _ones(rows.shape[0], x.dtype, x.device)
+        return torch.mv(rows.t(), ones), torch.mv(rows.square().t(), ones)
     flat = x.view(b, c, -1) if x.is_contiguous() else x.reshape(b, c, -1)
     return flat.sum((0, 2)), torch.linalg.vector_norm(flat, 2, 2).square_().sum(0)
 
@@ -70,11 +82,13 @@ def _constants(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
             constants: tuple[torch.Tensor, ...], double: bool = False) -> torch.Tensor:
-    """x * scale + shift per channel in one pass (x * 2 scale + shift with `double`). On the CPU
-    through eval-mode batch_norm with mean 0, var 1 (0.25 to double) and an eps that vanishes next
-    to 1 in floating point (batch_norm wants eps > 0; several times faster there than broadcast
-    mul / addcmul); elsewhere one multiply-add kernel. `constants` = (zeros, ones, quarters)."""
-    if x.device.type != "cpu":
+    """x * scale + shift per channel in one pass (x * 2 scale + shift with `double`). For an NCHW
+    CPU tensor through eval-mode batch_norm with mean 0, var 1 (0.25 to double) and an eps that
+    vanishes next to 1 in floating point (batch_norm wants eps > 0; several times faster there
+    than broadcast mul / addcmul); otherwise (channels_last, where broadcasting is 1.4x faster
+    than batch_norm over the bundled teacher's layers on the CPU, or a GPU) one multiply-add
+    kernel. `constants` = (zeros, ones, quarters)."""
+    if x.device.type != "cpu" or not x.is_contiguous():
         view = (1, -1) + (1,) * (x.dim() - 2)
         if shift is None:
             return x * (scale.view(view) * 2 if double else scale.view(view))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import FrozenBatchNorm2d
 
 from diode.detectors.base import Detector
@@ -363,29 +364,50 @@ def test_bn_layers_are_found_by_their_running_statistics_whatever_holds_them() -
     assert [name for name, _ in Net().bn_layers()] == ["layers.0", "layers.1", "layers.2"]
 
 
+class _RecordOps(TorchDispatchMode):
+    """Records the name of every ATen operation run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def test_moments_of_a_channels_last_activation_need_no_copy() -> None:
     """Sums of a channels_last activation (matrix-vector products of its [B H W, C] rows with a
     vector of ones, 4x faster than over the strided [B, C, H W] view: benchmarks/bn_moments.py):
     the same values as for NCHW, and no copy of the activation (no clone or copy among the
     operations run)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from diode.synthesis.bn_stats import _moments
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     x = torch.randn(4, 6, 5, 7)
     expected = _moments(x)
     x_cl = x.to(memory_format=torch.channels_last)
-    with Ops() as ops:
+    with _RecordOps() as ops:
         s, h = _moments(x_cl)
     assert torch.allclose(s, expected[0], atol=1e-5) and torch.allclose(h, expected[1], rtol=1e-5)
     assert not [name for name in ops.names if "clone" in name or "copy" in name]
     assert torch.allclose(h, (x * x).sum((0, 2, 3)), rtol=1e-5)
+
+
+def test_channels_last_moments_avoid_matrix_products_at_lowered_precision() -> None:
+    """Where float32 matrix products may run in reduced precision (here: a lowered
+    `float32_matmul_precision`), the moments of a channels_last activation are plain reductions
+    (no `mv`), with the same values."""
+    from diode.synthesis.bn_stats import _moments
+
+    x = torch.randn(4, 6, 5, 7).to(memory_format=torch.channels_last)
+    expected = (x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)))
+    for precision, uses_mv in (("highest", True), ("medium", False)):
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(precision)
+        try:
+            with _RecordOps() as ops:
+                s, h = _moments(x)
+        finally:
+            torch.set_float32_matmul_precision(previous)
+        assert any("mv" in name for name in ops.names) == uses_mv
+        assert torch.allclose(s, expected[0], atol=1e-5) and torch.allclose(h, expected[1], rtol=1e-5)

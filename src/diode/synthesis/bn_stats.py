@@ -50,14 +50,19 @@ def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     all layers (`_mean_var`). For NCHW each is one pass over x: the sum of squares as a squared L2
     norm (no x * x temporary; half the time of multiply-then-sum on the CPU,
     benchmarks/bn_moments.py), over H W then a small sum over B. A channels_last activation is a
-    [B H W, C] matrix whose rows are pixels: its sums are matrix-vector products with a vector of
-    ones (BLAS; half the time of reducing the rows or the strided [B, C, H W] view on the CPU,
-    which vectorise poorly over a few dozen channels, benchmarks/bn_moments.py)."""
+    [B H W, C] matrix whose rows are pixels: on the CPU its sums are matrix-vector products with
+    a vector of ones (BLAS; half the time of reducing the rows and a quarter of reducing the
+    strided [B, C, H W] view, which vectorise poorly over a few dozen channels,
+    benchmarks/bn_moments.py); elsewhere the rows are reduced."""
     b, c = x.shape[:2]
     if _is_channels_last(x):
         rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: channels are the contiguous dimension
-        ones = _ones(rows.shape[0], x.dtype, x.device)
-        return torch.mv(rows.t(), ones), torch.mv(rows.square().t(), ones)
+        # Not where matrix products may run in reduced precision (a GPU's TF32, or a lowered
+        # float32 matmul precision): there the rows are reduced.
+        if x.device.type == "cpu" and torch.get_float32_matmul_precision() == "highest":
+            ones = _ones(rows.shape[0], x.dtype, x.device)
+            return torch.mv(rows.t(), ones), torch.mv(rows.square().t(), ones)
+        return rows.sum(0), torch.linalg.vector_norm(rows, 2, 0).square_()
     flat = x.view(b, c, -1) if x.is_contiguous() else x.reshape(b, c, -1)
     return flat.sum((0, 2)), torch.linalg.vector_norm(flat, 2, 2).square_().sum(0)
 

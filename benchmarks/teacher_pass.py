@@ -1,8 +1,10 @@
 """The teacher's bare forward + backward (loss on one-box targets, gradient to the images) alone in
 a fresh process: what `synthesis_overhead.py` divides by, without the synthesis loop in the same
-process. Run it several times to see the spread from one process to the next. Prints JSON.
+process. Run it several times to see the spread from one process to the next. Prints JSON;
+`--profile` adds the operations that take the most time in one more round (torch.profiler, self
+time per pass), which shows where the spread lives.
 
-    OMP_NUM_THREADS=2 python benchmarks/teacher_pass.py --channels-last
+    OMP_NUM_THREADS=2 python benchmarks/teacher_pass.py --channels-last --profile
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10, help="passes per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--channels-last", action="store_true", help="teacher in channels_last (images NCHW)")
+    parser.add_argument("--profile", action="store_true", help="also report the top operations' self time per pass")
     args = parser.parse_args()
     keep_freed_memory()
     teacher = load_detector(args.teacher, device=torch.device("cpu"))[0]
@@ -48,10 +51,18 @@ def main() -> None:
 
     passes()  # warm-up
     times = [passes() for _ in range(args.rounds)]
+    top_ops = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            passes()
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+        top_ops = {e.key: round(e.self_cpu_time_total / args.iterations / 1e3, 2) for e in ops}
     print(json.dumps({"bare_forward_backward_s": round(statistics.median(times), 5),
                       "rounds_s": [round(t, 5) for t in times], "batch_size": args.batch_size,
                       "channels_last": args.channels_last, "threads": torch.get_num_threads(),
-                      "torch": torch.__version__}))
+                      "torch": torch.__version__, "top_ops_ms": top_ops}))
 
 
 if __name__ == "__main__":

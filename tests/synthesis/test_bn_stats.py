@@ -291,14 +291,14 @@ def test_fused_frozen_bn_gradcheck(memory_format: torch.memory_format) -> None:
     """The fused layer + moments function against numerical gradients, for each output alone and
     together (float64), in both memory formats (channels_last takes other kernels: moments as
     matrix-vector products, the affine map broadcast); the layer's output keeps the format."""
-    from diode.synthesis.bn_stats import _Channel, _constants, _FrozenBNWithMoments
+    from diode.synthesis.bn_stats import _channel, _FrozenBNWithMoments
 
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g) * 2 + 1).to(memory_format=memory_format)
     x.requires_grad_(True)
     scale = torch.rand(3, dtype=torch.float64, generator=g) + 0.5
     shift = torch.randn(3, dtype=torch.float64, generator=g)
-    channel = _Channel(scale, shift, scale.view(1, -1, 1, 1), *_constants(scale))
+    channel = _channel(scale, shift)
     fn = lambda x: _FrozenBNWithMoments.apply(x, channel)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,))
     for k in range(3):

@@ -39,6 +39,14 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def _uses_batch_norm_kernels(x: torch.Tensor) -> bool:
+    """Per-channel affine maps of x go through eval-mode batch_norm (an NCHW CPU tensor: several
+    times faster there than broadcast mul / addcmul) rather than broadcasting (channels_last on
+    the CPU, where broadcasting is 1.4x faster over the bundled teacher's layers,
+    benchmarks/bn_moments.py; any GPU)."""
+    return x.device.type == "cpu" and x.is_contiguous()
+
+
 @functools.lru_cache(maxsize=64)
 def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.ones(n, dtype=dtype, device=device)
@@ -50,19 +58,19 @@ def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     all layers (`_mean_var`). For NCHW each is one pass over x: the sum of squares as a squared L2
     norm (no x * x temporary; half the time of multiply-then-sum on the CPU,
     benchmarks/bn_moments.py), over H W then a small sum over B. A channels_last activation is a
-    [B H W, C] matrix whose rows are pixels: on the CPU its sums are matrix-vector products with
-    a vector of ones (BLAS; half the time of reducing the rows and a quarter of reducing the
+    [C, B H W] matrix whose columns are pixels: on the CPU its sums are matrix-vector products
+    with a vector of ones (BLAS; half the time of reducing it and a quarter of reducing the
     strided [B, C, H W] view, which vectorise poorly over a few dozen channels,
-    benchmarks/bn_moments.py); elsewhere the rows are reduced."""
+    benchmarks/bn_moments.py); elsewhere it is reduced."""
     b, c = x.shape[:2]
     if _is_channels_last(x):
-        rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: channels are the contiguous dimension
+        pixels = x.transpose(0, 1).reshape(c, -1)  # a view: [C, B H W] with the channels contiguous
         # Not where matrix products may run in reduced precision (a GPU's TF32, or a lowered
-        # float32 matmul precision): there the rows are reduced.
+        # float32 matmul precision): there the pixels are reduced.
         if x.device.type == "cpu" and torch.get_float32_matmul_precision() == "highest":
-            ones = _ones(rows.shape[0], x.dtype, x.device)
-            return torch.mv(rows.t(), ones), torch.mv(rows.square().t(), ones)
-        return rows.sum(0), torch.linalg.vector_norm(rows, 2, 0).square_()
+            ones = _ones(pixels.shape[1], x.dtype, x.device)
+            return torch.mv(pixels, ones), torch.mv(pixels.square(), ones)
+        return pixels.sum(1), torch.linalg.vector_norm(pixels, 2, 1).square_()
     flat = x.view(b, c, -1) if x.is_contiguous() else x.reshape(b, c, -1)
     return flat.sum((0, 2)), torch.linalg.vector_norm(flat, 2, 2).square_().sum(0)
 
@@ -72,10 +80,12 @@ _NO_EPS = 1e-30  # 1 + 1e-30 == 1 in fp32 and fp64: the division by sqrt(var + e
 
 class _Channel(NamedTuple):
     """Per-channel constants of a BN layer acting as a fixed affine map y = x * scale + shift
-    (`_frozen_affine`), and those `_affine` needs on the CPU."""
+    (`_frozen_affine`), as vectors and as [1, C, 1, 1] views, and those the batch_norm path of
+    `_affine` needs. Built by `_channel`."""
     scale: torch.Tensor
     shift: torch.Tensor
-    scale4d: torch.Tensor  # scale as [1, C, 1, 1]
+    scale4d: torch.Tensor
+    shift4d: torch.Tensor
     zeros: torch.Tensor
     ones: torch.Tensor
     quarters: torch.Tensor  # 0.25: batch_norm with this variance multiplies by 2
@@ -85,15 +95,17 @@ def _constants(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return torch.zeros_like(like), torch.ones_like(like), torch.full_like(like, 0.25)
 
 
+def _channel(scale: torch.Tensor, shift: torch.Tensor) -> _Channel:
+    return _Channel(scale, shift, scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1), *_constants(scale))
+
+
 def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
             constants: tuple[torch.Tensor, ...], double: bool = False) -> torch.Tensor:
-    """x * scale + shift per channel in one pass (x * 2 scale + shift with `double`). For an NCHW
-    CPU tensor through eval-mode batch_norm with mean 0, var 1 (0.25 to double) and an eps that
-    vanishes next to 1 in floating point (batch_norm wants eps > 0; several times faster there
-    than broadcast mul / addcmul); otherwise (channels_last, where broadcasting is 1.4x faster
-    than batch_norm over the bundled teacher's layers on the CPU, or a GPU) one multiply-add
-    kernel. `constants` = (zeros, ones, quarters)."""
-    if x.device.type != "cpu" or not x.is_contiguous():
+    """x * scale + shift per channel in one pass (x * 2 scale + shift with `double`): through
+    eval-mode batch_norm with mean 0, var 1 (0.25 to double) and an eps that vanishes next to 1 in
+    floating point (batch_norm wants eps > 0) where `_uses_batch_norm_kernels`, else one
+    broadcast multiply-add. `constants` = (zeros, ones, quarters)."""
+    if not _uses_batch_norm_kernels(x):
         view = (1, -1) + (1,) * (x.dim() - 2)
         if shift is None:
             return x * (scale.view(view) * 2 if double else scale.view(view))
@@ -133,13 +145,18 @@ class _FrozenBNWithMoments(torch.autograd.Function):
     only a handful of operations per layer (the mean/variance arithmetic is done once for all
     layers, in `BNStatsRecorder.recorded_flat`). `channel` (`_Channel`) holds constants, passed
     as one argument and kept on `ctx` (not saved tensors), which keeps the per-call cost of the
-    function itself low (it runs once per BN layer)."""
+    function itself low (it runs once per BN layer); the broadcasting path uses its
+    [1, C, 1, 1] views directly (7 us a layer fewer than `_affine` on the CPU)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, channel: _Channel):  # type: ignore[override]
         ctx.save_for_backward(x)
         ctx.channel = channel
-        return (_affine(x, channel.scale, channel.shift, channel[3:]),) + _moments(x)
+        if _uses_batch_norm_kernels(x):
+            y = _affine(x, channel.scale, channel.shift, channel[4:])
+        else:
+            y = torch.addcmul(channel.shift4d, x, channel.scale4d)
+        return (y,) + _moments(x)
 
     @staticmethod
     def backward(ctx, g_y: torch.Tensor | None, g_s: torch.Tensor | None,
@@ -147,11 +164,13 @@ class _FrozenBNWithMoments(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         channel = ctx.channel
         if g_s is None and g_h is None:
-            grad = _affine(g_y, channel.scale, None, channel[3:])
-        else:
-            grad = _moments_grad(x, g_s, g_h, channel[3:])
-            if g_y is not None:  # in place: a second activation-size temporary costs more than the add
-                grad = grad.addcmul_(g_y, channel.scale4d)
+            return _affine(g_y, channel.scale, None, channel[4:]), None
+        if g_s is None or g_h is None or _uses_batch_norm_kernels(x):
+            grad = _moments_grad(x, g_s, g_h, channel[4:])
+        else:  # g_s + 2 g_h x, broadcast
+            grad = torch.addcmul(g_s.view(1, -1, 1, 1), x, g_h.view(1, -1, 1, 1), value=2)
+        if g_y is not None:  # in place: a second activation-size temporary costs more than the add
+            grad = grad.addcmul_(g_y, channel.scale4d)
         return grad, None
 
 
@@ -191,7 +210,7 @@ def _frozen_affine(module: nn.Module) -> _Channel | None:
         shift = shift * module.weight.float()
     if module.bias is not None:
         shift = shift + module.bias.float()
-    return _Channel(scale, shift, scale.view(1, -1, 1, 1), *_constants(scale))
+    return _channel(scale, shift)
 
 
 class BNStatsRecorder:

@@ -97,7 +97,8 @@ def main() -> None:
         for name, fn in variants.items():
             times[name].append(fn())
     ms = {k: round(statistics.median(v) * 1e3, 2) for k, v in times.items()}
-    print(json.dumps({"ms": ms, "ratio_old": round(ms["old"] / ms["bare"], 4), "ratio_new": round(ms["new"] / ms["bare"], 4),
+    print(json.dumps({"ms": ms, "ratio_old": round(ms["old"] / ms["bare"], 4),
+                      "ratio_new": round(ms["new"] / ms["bare"], 4),
                       "new_minus_old_ms": round(ms["new"] - ms["old"], 2), "batch_size": args.batch_size,
                       "recipe": args.recipe, "threads": torch.get_num_threads(), "torch": torch.__version__}))
 

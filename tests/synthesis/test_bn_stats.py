@@ -377,7 +377,7 @@ class _RecordOps(TorchDispatchMode):
 
 
 def test_moments_of_a_channels_last_activation_need_no_copy() -> None:
-    """Sums of a channels_last activation (matrix-vector products of its [B H W, C] rows with a
+    """Sums of a channels_last activation (matrix-vector products of its [C, B H W] view with a
     vector of ones, 4x faster than over the strided [B, C, H W] view: benchmarks/bn_moments.py):
     the same values as for NCHW, and no copy of the activation (no clone or copy among the
     operations run)."""

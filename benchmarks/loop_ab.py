@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import bare_pass_seconds
 
 import diode.synthesis.synthesizer as synthesizer_module
 from diode.allocator import keep_freed_memory
@@ -79,17 +80,7 @@ def main() -> None:
             for name, part in zip(_SWAPPED, current):
                 setattr(synthesizer_module, name, part)
 
-    def bare() -> float:
-        x = images.clone().requires_grad_(True)
-        t0 = time.perf_counter()
-        for _ in range(args.iterations):
-            with teacher.loss_mode():
-                loss = teacher.weighted_loss(teacher.loss(x, targets))
-            loss.backward()
-            x.grad = None
-        return (time.perf_counter() - t0) / args.iterations
-
-    variants = {"bare": bare, "old": lambda: loop(old, previous), "new": lambda: loop(new, current)}
+    variants = {"bare": lambda: bare_pass_seconds(teacher, images, targets, args.iterations), "old": lambda: loop(old, previous), "new": lambda: loop(new, current)}
     for fn in variants.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}

@@ -16,6 +16,7 @@ import statistics
 import time
 
 import torch
+from _timing import bare_pass_seconds
 
 from diode.allocator import keep_freed_memory
 from diode.detectors.checkpoint import load_detector
@@ -78,17 +79,7 @@ def main() -> None:
     images = torch.rand(args.batch_size, 3, *image_size, device=device)
 
     def bare() -> float:
-        x = images.clone().requires_grad_(True)
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(args.iterations):
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-            with autocast, teacher.loss_mode():
-                loss = teacher.weighted_loss(teacher.loss(x, targets))
-            loss.backward()
-            x.grad = None
-        _sync(device)
-        return (time.perf_counter() - t0) / args.iterations
+        return bare_pass_seconds(teacher, images, targets, args.iterations, args.precision, lambda: _sync(device))
 
     def full() -> float:
         _sync(device)

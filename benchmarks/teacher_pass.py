@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
+from _timing import bare_pass_seconds
 
 from diode.allocator import keep_freed_memory
 from diode.detectors.checkpoint import load_detector
@@ -38,16 +38,10 @@ def main() -> None:
         teacher = teacher.to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(0)
     targets = sample_one_box(args.batch_size, teacher.image_size, teacher.num_classes, gen)
-    images = torch.rand(args.batch_size, 3, *teacher.image_size, generator=gen).requires_grad_(True)
+    images = torch.rand(args.batch_size, 3, *teacher.image_size, generator=gen)
 
     def passes() -> float:
-        t0 = time.perf_counter()
-        for _ in range(args.iterations):
-            with teacher.loss_mode():
-                loss = teacher.weighted_loss(teacher.loss(images, targets))
-            loss.backward()
-            images.grad = None
-        return (time.perf_counter() - t0) / args.iterations
+        return bare_pass_seconds(teacher, images, targets, args.iterations)
 
     passes()  # warm-up
     times = [passes() for _ in range(args.rounds)]

@@ -1,0 +1,29 @@
+"""The teacher's bare forward + backward, timed the same way by every benchmark that divides by it
+(`synthesis_overhead.py`, `teacher_pass.py`, `loop_ab.py`): the task loss on one-box targets in
+`loss_mode()`, backward to the images, nothing else."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from diode.detectors.base import Detector
+from diode.types import Target
+
+
+def bare_pass_seconds(teacher: Detector, images: torch.Tensor, targets: list[Target], iterations: int,
+                      precision: str = "fp32", sync: Callable[[], None] = lambda: None) -> float:
+    """Mean wall seconds of one bare pass over `iterations` passes on a copy of `images` that
+    requires grad (`sync` waits for the device before and after the timed passes)."""
+    x = images.detach().clone().requires_grad_(True)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"), teacher.loss_mode():
+            loss = teacher.weighted_loss(teacher.loss(x, targets))
+        loss.backward()
+        x.grad = None
+    sync()
+    return (time.perf_counter() - t0) / iterations

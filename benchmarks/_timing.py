@@ -1,6 +1,7 @@
-"""The teacher's bare forward + backward, timed the same way by every benchmark that divides by it
-(`synthesis_overhead.py`, `teacher_pass.py`, `loop_ab.py`): the task loss on one-box targets in
-`loss_mode()`, backward to the images, nothing else."""
+"""What the loop benchmarks share: the teacher's bare forward + backward, timed the same way by every
+benchmark that divides by it (`synthesis_overhead.py`, `teacher_pass.py`, `loop_ab.py`: the task
+loss on one-box targets in `loss_mode()`, backward to the images, nothing else), and the one-stage
+synthesis config the loop is timed with."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Callable
 
 import torch
 
+from diode.config import SynthesisConfig
 from diode.detectors.base import Detector
+from diode.synthesis.recipes import build_config, load_recipe
 from diode.types import Target
 
 
@@ -27,3 +30,12 @@ def bare_pass_seconds(teacher: Detector, images: torch.Tensor, targets: list[Tar
         x.grad = None
     sync()
     return (time.perf_counter() - t0) / iterations
+
+
+def one_stage_config(recipe: str, iterations: int, batch_size: int, precision: str = "fp32") -> SynthesisConfig:
+    """The recipe's last stage alone, at full resolution, for `iterations`, without false-positive
+    aggregation or tiling: the per-iteration work of a synthesis."""
+    raw = load_recipe(recipe)
+    raw.update(stages=[dict(raw["stages"][-1], iterations=iterations, scale=1.0, pixel_scale=1.0)],
+               fp={"enabled": False}, tiling={"enabled": False})
+    return build_config(raw, batch_size=batch_size, precision=precision)

@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 import torch
-from _timing import bare_pass_seconds
+from _timing import bare_pass_seconds, one_stage_config
 
 import diode.synthesis.synthesizer as synthesizer_module
 from diode.allocator import keep_freed_memory
 from diode.detectors.checkpoint import load_detector
 from diode.synthesis.bn_stats import select_bn_layers
-from diode.synthesis.recipes import build_config, load_recipe
 from diode.synthesis.synthesizer import Synthesizer, use_channels_last
 from diode.synthesis.targets import sample_one_box
 
@@ -55,11 +54,7 @@ def main() -> None:
     teacher = load_detector(args.teacher, device=device)[0]
     if use_channels_last(device):
         teacher = teacher.to(memory_format=torch.channels_last)
-    # One full-resolution stage of the recipe, as benchmarks/synthesis_overhead.py.
-    raw = load_recipe(args.recipe)
-    raw.update(stages=[dict(raw["stages"][-1], iterations=args.iterations, scale=1.0, pixel_scale=1.0)],
-               fp={"enabled": False}, tiling={"enabled": False})
-    cfg = build_config(raw, batch_size=args.batch_size, precision="fp32")
+    cfg = one_stage_config(args.recipe, args.iterations, args.batch_size)
     new, old = Synthesizer(teacher, cfg), Synthesizer(teacher, cfg)
     old.recorder = old_bn.BNStatsRecorder(select_bn_layers(teacher.bn_layers(), cfg.bn.layers))
     gen = torch.Generator().manual_seed(0)

@@ -16,12 +16,11 @@ import statistics
 import time
 
 import torch
-from _timing import bare_pass_seconds
+from _timing import bare_pass_seconds, one_stage_config
 
 from diode.allocator import keep_freed_memory
 from diode.detectors.checkpoint import load_detector
 from diode.detectors.registry import build_detector
-from diode.synthesis.recipes import build_config, load_recipe
 from diode.synthesis.synthesizer import Synthesizer, use_channels_last
 from diode.synthesis.targets import sample_one_box
 
@@ -68,11 +67,7 @@ def main() -> None:
         from diode.detectors.base import compile_network
 
         compile_network(teacher)
-    # One full-resolution stage with the recipe's losses and augmentation: the per-iteration work.
-    raw = load_recipe(args.recipe)
-    stage = dict(raw["stages"][-1], iterations=args.iterations, scale=1.0, pixel_scale=1.0)
-    raw.update(stages=[stage], fp={"enabled": False}, tiling={"enabled": False})
-    cfg = build_config(raw, batch_size=args.batch_size, precision=args.precision)
+    cfg = one_stage_config(args.recipe, args.iterations, args.batch_size, args.precision)
     synth = Synthesizer(teacher, cfg)
     gen = torch.Generator().manual_seed(0)
     targets = sample_one_box(args.batch_size, image_size, teacher.num_classes, gen)

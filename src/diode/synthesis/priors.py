@@ -106,7 +106,6 @@ class _TVL1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, images: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         dtype = torch.promote_types(images.dtype, torch.float32)
-        h, w = images.shape[-2:]
         grad = torch.empty(images.shape, dtype=dtype, device=images.device)
         grad[..., :, -1].zero_()  # the first direction (to the right) writes every other column
         for k, (a, b) in enumerate(_PAIRS):

@@ -289,9 +289,10 @@ def test_channel_mean_var_matches_var_mean_with_its_written_out_gradient() -> No
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_fused_frozen_bn_gradcheck(memory_format: torch.memory_format) -> None:
     """The fused layer + moments function against numerical gradients, for each output alone and
-    together (float64), in both memory formats (channels_last takes other kernels: moments as
-    matrix-vector products, the affine map broadcast); the layer's output keeps the format."""
-    from diode.synthesis.bn_stats import _channel, _FrozenBNWithMoments
+    together (float64), in both memory formats (channels_last takes other kernels: the moments
+    as (mean, var) of column groups of the wide view, merged per channel by `_Layout`, the affine
+    map broadcast); the layer's output keeps the format, and the statistics are the input's."""
+    from diode.synthesis.bn_stats import _channel, _FrozenBNWithMoments, _groups, _Layout
 
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g) * 2 + 1).to(memory_format=memory_format)
@@ -299,14 +300,20 @@ def test_fused_frozen_bn_gradcheck(memory_format: torch.memory_format) -> None:
     scale = torch.rand(3, dtype=torch.float64, generator=g) + 0.5
     shift = torch.randn(3, dtype=torch.float64, generator=g)
     channel = _channel(scale, shift)
-    fn = lambda x: _FrozenBNWithMoments.apply(x, channel)  # noqa: E731
+    k = _groups(x)
+    assert k == (8 if memory_format == torch.channels_last else 0)  # 8 groups of 5 pixels: 24 columns
+    fn = lambda x: _FrozenBNWithMoments.apply(x, channel, k)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,))
-    for k in range(3):
-        assert torch.autograd.gradcheck(lambda x: fn(x)[k], (x,))
-    y, s, h = fn(x)  # the layer, and the per-channel sums of x and x^2 (normalised later)
+    for i in range(3):
+        assert torch.autograd.gradcheck(lambda x: fn(x)[i], (x,))
+    layout = _Layout([3 * max(k, 1)], [k], [40], x.device)
+    assert torch.autograd.gradcheck(lambda x: layout(*fn(x)[1:]), (x,))
+    y, first, second = fn(x)
     assert y.is_contiguous(memory_format=memory_format)
     assert torch.allclose(y, x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
-    assert torch.allclose(s, x.sum((0, 2, 3))) and torch.allclose(h, (x * x).sum((0, 2, 3)))
+    mean, var = layout(first, second)
+    expected = manual_stats(x)
+    assert torch.allclose(mean, expected[0]) and torch.allclose(var, expected[1])
 
 
 def test_recording_follows_changes_to_a_layer_between_recordings() -> None:
@@ -377,37 +384,61 @@ class _RecordOps(TorchDispatchMode):
 
 
 def test_moments_of_a_channels_last_activation_need_no_copy() -> None:
-    """Sums of a channels_last activation (matrix-vector products of its [C, B H W] view with a
-    vector of ones, 4x faster than over the strided [B, C, H W] view: benchmarks/bn_moments.py):
-    the same values as for NCHW, and no copy of the activation (no clone or copy among the
-    operations run)."""
-    from diode.synthesis.bn_stats import _moments
+    """The statistics of a channels_last activation on the CPU (the batch-statistics kernel on its
+    wide view, benchmarks/bn_moments.py) copy nothing (no clone or copy among the operations run)
+    and give the input's per-channel mean and variance."""
+    from diode.synthesis.bn_stats import _groups, _Layout, _moments
 
-    x = torch.randn(4, 6, 5, 7)
-    expected = _moments(x)
-    x_cl = x.to(memory_format=torch.channels_last)
+    x = (torch.randn(4, 6, 5, 7) * 3 + 2).to(memory_format=torch.channels_last)
+    k = _groups(x)
+    assert k == 4  # 140 pixels: 4 groups of 35, 24 columns
     with _RecordOps() as ops:
-        s, h = _moments(x_cl)
-    assert torch.allclose(s, expected[0], atol=1e-5) and torch.allclose(h, expected[1], rtol=1e-5)
+        first, second, _ = _moments(x, k)
     assert not [name for name in ops.names if "clone" in name or "copy" in name]
-    assert torch.allclose(h, (x * x).sum((0, 2, 3)), rtol=1e-5)
+    mean, var = _Layout([first.numel()], [k], [140], x.device)(first, second)
+    expected = manual_stats(x)
+    assert torch.allclose(mean, expected[0], atol=1e-5) and torch.allclose(var, expected[1], rtol=1e-5)
 
 
-def test_channels_last_moments_avoid_matrix_products_at_lowered_precision() -> None:
-    """Where float32 matrix products may run in reduced precision (here: a lowered
-    `float32_matmul_precision`), the moments of a channels_last activation are plain reductions
-    (no `mv`), with the same values."""
-    from diode.synthesis.bn_stats import _moments
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (1, 3, 1, 1), (3, 5, 3, 3), (2, 200, 4, 4), (8, 12, 16, 16)])
+def test_column_groups_follow_the_pixel_count(shape) -> None:
+    """k doubles while a row of the wide view is under 128 columns and the pixels divide evenly
+    (an odd count stays at one group); NCHW and non-float activations are summed instead."""
+    from diode.synthesis.bn_stats import _groups
 
-    x = torch.randn(4, 6, 5, 7).to(memory_format=torch.channels_last)
-    expected = (x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)))
-    for precision, uses_mv in (("highest", True), ("medium", False)):
-        previous = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision(precision)
-        try:
-            with _RecordOps() as ops:
-                s, h = _moments(x)
-        finally:
-            torch.set_float32_matmul_precision(previous)
-        assert any("mv" in name for name in ops.names) == uses_mv
-        assert torch.allclose(s, expected[0], atol=1e-5) and torch.allclose(h, expected[1], rtol=1e-5)
+    b, c, h, w = shape
+    x = torch.randn(shape).to(memory_format=torch.channels_last)
+    k = _groups(x)
+    if x.is_contiguous():  # one pixel: NCHW as well, summed
+        assert k == 0
+    else:
+        n = b * h * w
+        assert k >= 1 and n % k == 0 and (k * c >= 128 or n % (2 * k) != 0)
+    assert _groups(torch.randn(shape)) == 0
+    assert _groups(torch.randn(4, 6, 5, 7).to(torch.float16).to(memory_format=torch.channels_last)) == 0
+
+
+def test_layers_with_sums_and_with_column_groups_merge_together() -> None:
+    """A recording mixing NCHW layers (sums) and channels_last ones (column groups) gives every
+    layer its input's statistics: `_Layout` over the concatenation, gradients included."""
+    from diode.synthesis.bn_stats import _channel_moments, _Layout
+
+    g = torch.Generator().manual_seed(1)
+    xs = [(torch.randn(2, 3, 4, 6, dtype=torch.float64, generator=g) + 1).requires_grad_(True),
+          (torch.randn(2, 5, 4, 4, dtype=torch.float64, generator=g) * 2).to(memory_format=torch.channels_last)
+          .detach().requires_grad_(True),
+          (torch.randn(3, 2, 3, 3, dtype=torch.float64, generator=g) - 1).to(memory_format=torch.channels_last)
+          .detach().requires_grad_(True)]
+
+    def stats(*xs):
+        parts = [_channel_moments(x) for x in xs]
+        layout = _Layout([f.numel() for f, _, _ in parts], [k for _, _, k in parts],
+                         [x.numel() // x.shape[1] for x in xs], xs[0].device)
+        assert [k > 0 for _, _, k in parts] == [False, True, True]
+        return layout(torch.cat([f for f, _, _ in parts]), torch.cat([h for _, h, _ in parts]))
+
+    mean, var = stats(*xs)
+    expected = [manual_stats(x) for x in xs]
+    assert torch.allclose(mean, torch.cat([m for m, _ in expected]))
+    assert torch.allclose(var, torch.cat([v for _, v in expected]))
+    assert torch.autograd.gradcheck(stats, tuple(xs))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import functools
 from typing import Callable, Iterator, NamedTuple
 
 import torch
@@ -47,32 +46,54 @@ def _uses_batch_norm_kernels(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.is_contiguous()
 
 
-@functools.lru_cache(maxsize=64)
-def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.ones(n, dtype=dtype, device=device)
+_WIDE_COLUMNS = 128  # columns the CPU statistics kernel needs to vectorise well (benchmarks/bn_moments.py)
 
 
-def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel sum of x and sum of x^2 over (B, H, W) of x [B, C, H, W]: unnormalised, so the
-    gradient of the pair is just g_s + 2 g_h x, and the division by the count is done once for
-    all layers (`_mean_var`). For NCHW each is one pass over x: the sum of squares as a squared L2
-    norm (no x * x temporary; half the time of multiply-then-sum on the CPU,
-    benchmarks/bn_moments.py), over H W then a small sum over B. A channels_last activation is a
-    [C, B H W] matrix whose columns are pixels: on the CPU its sums are matrix-vector products
-    with a vector of ones (BLAS; half the time of reducing it and a quarter of reducing the
-    strided [B, C, H W] view, which vectorise poorly over a few dozen channels,
-    benchmarks/bn_moments.py); elsewhere it is reduced."""
+def _groups(x: torch.Tensor) -> int:
+    """How `_moments` summarises x: 0 for per-channel sums; k >= 1 for (mean, var) of k column
+    groups per channel (a float channels_last activation on the CPU, `_moments`)."""
+    if x.device.type != "cpu" or not _is_channels_last(x) or x.dtype not in (torch.float32, torch.float64):
+        return 0
+    c = x.shape[1]
+    n = x.numel() // c
+    k = 1
+    while k * c < _WIDE_COLUMNS and n % (2 * k) == 0:
+        k *= 2
+    return k
+
+
+def _wide(x: torch.Tensor, k: int) -> torch.Tensor:
+    """A channels_last x [B, C, H, W] as the [B H W / k, k C] matrix whose rows are k neighbouring
+    pixels side by side (a view): column j C + c holds channel c of the pixels j, j + k, j + 2k..."""
+    return x.permute(0, 2, 3, 1).reshape(-1, k * x.shape[1])
+
+
+def _moments(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Statistics of x [B, C, H, W] over (B, H, W), in the form `_groups(x)` = k chose, and what
+    their gradient (`_moments_grad`) needs: x, or its wide view for k >= 1.
+
+    k = 0: the per-channel sum of x and of x^2 [C], unnormalised, so their gradient is just
+    g_s + 2 g_h x and the division by the count is done once for all layers (`_Layout`); each
+    one pass over x (the squares as a squared L2 norm: no x * x temporary, half the time of
+    multiply-then-sum on the CPU), over H W then a small sum over B (NCHW), or over the pixels
+    (channels_last, any other device).
+
+    k >= 1 (a channels_last activation on the CPU): the (mean, biased variance) [k C] of each
+    column of `_wide(x, k)`, from PyTorch's batch-statistics kernel (the one training-mode BN
+    uses; two passes, both moments, vectorised over a row) on that matrix, whose rows are at
+    least 128 wide where the pixel count allows: over the bundled teacher's 58 BN inputs at batch
+    32 that takes half the time of matrix-vector products of the [C, B H W] view with a vector of
+    ones and its squares (benchmarks/bn_moments.py), whereas on the rows of 12-48 channels alone
+    it is no faster. Each channel's k columns are combined by `_Layout`."""
+    if k:
+        wide = _wide(x, k)
+        return (*torch.batch_norm_update_stats(wide.t()[None, :, :, None], None, None, 0.0), wide)
     b, c = x.shape[:2]
     if _is_channels_last(x):
         pixels = x.transpose(0, 1).reshape(c, -1)  # a view: [C, B H W] with the channels contiguous
-        # Not where matrix products may run in reduced precision (a GPU's TF32, or a lowered
-        # float32 matmul precision): there the pixels are reduced.
-        if x.device.type == "cpu" and torch.get_float32_matmul_precision() == "highest":
-            ones = _ones(pixels.shape[1], x.dtype, x.device)
-            return torch.mv(pixels, ones), torch.mv(pixels.square(), ones)
-        return pixels.sum(1), torch.linalg.vector_norm(pixels, 2, 1).square_()
+        return pixels.sum(1), torch.linalg.vector_norm(pixels, 2, 1).square_(), x
     flat = x.view(b, c, -1) if x.is_contiguous() else x.reshape(b, c, -1)
-    return flat.sum((0, 2)), torch.linalg.vector_norm(flat, 2, 2).square_().sum(0)
+    return flat.sum((0, 2)), torch.linalg.vector_norm(flat, 2, 2).square_().sum(0), x
 
 
 _NO_EPS = 1e-30  # 1 + 1e-30 == 1 in fp32 and fp64: the division by sqrt(var + eps) is exact
@@ -114,64 +135,81 @@ def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
     return torch.batch_norm(x, scale, shift, zeros, quarters if double else ones, False, 0.0, _NO_EPS, False)
 
 
-def _moments_grad(x: torch.Tensor, g_s: torch.Tensor | None, g_h: torch.Tensor | None,
-                  constants: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-    """d(sum x, sum x^2)/dx contracted with (g_s, g_h): g_s + 2 g_h x, one pass."""
-    like = g_s if g_s is not None else g_h
-    constants = constants or _constants(like)
-    return _affine(x, constants[0] if g_h is None else g_h, constants[0] if g_s is None else g_s, constants,
-                   double=True)
+def _moments_grad(saved: torch.Tensor, k: int, mean: torch.Tensor, g1: torch.Tensor | None,
+                  g2: torch.Tensor | None, shape: torch.Size, constants: tuple[torch.Tensor, ...] | None = None
+                  ) -> torch.Tensor:
+    """The gradient of `_moments(x, k)` (x of `shape`, `saved` its third output, `mean` its first)
+    contracted with (g1, g2), in one pass: g_s + 2 g_h x for k = 0; for k >= 1, per column of
+    the wide view of M rows, g_mean / M + 2 g_var (x - mean) / M, as a tensor of x's shape and
+    format."""
+    if not k:
+        like = g1 if g1 is not None else g2
+        constants = constants or _constants(like)
+        return _affine(saved, constants[0] if g2 is None else g2, constants[0] if g1 is None else g1, constants,
+                       double=True)
+    rows = saved.shape[0]
+    g1 = torch.zeros_like(mean) if g1 is None else g1
+    if g2 is None:
+        grad = (g1 / rows).expand_as(saved).clone()
+    else:
+        slope = g2 * (2.0 / rows)
+        grad = torch.addcmul(torch.addcmul(g1 * (1.0 / rows), mean, slope, value=-1), saved, slope)
+    b, c, h, w = shape
+    return grad.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class _ChannelMoments(torch.autograd.Function):
-    """Per-channel (sum x, sum x^2) with the gradient written out (`_moments_grad`, one pass).
-    Several times faster on the CPU than ``torch.var_mean`` forward + backward."""
+    """`_moments(x, k)` with its gradient written out (`_moments_grad`, one pass). Several times
+    faster on the CPU than ``torch.var_mean`` forward + backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        ctx.save_for_backward(x)
-        return _moments(x)
+    def forward(ctx, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        first, second, saved = _moments(x, k)
+        ctx.save_for_backward(saved, first)
+        ctx.k, ctx.shape = k, x.shape
+        return first, second
 
     @staticmethod
-    def backward(ctx, g_s: torch.Tensor, g_h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return _moments_grad(x, g_s, g_h)
+    def backward(ctx, g1: torch.Tensor, g2: torch.Tensor):  # type: ignore[override]
+        saved, first = ctx.saved_tensors
+        return _moments_grad(saved, ctx.k, first, g1, g2, ctx.shape), None
 
 
 class _FrozenBNWithMoments(torch.autograd.Function):
-    """A frozen BN layer (y = x * scale + shift per channel) and the moments of its input in one
-    function: forward and backward each make one pass over x fewer than the layer plus
+    """A frozen BN layer (y = x * scale + shift per channel) and `_moments(x, k)` of its input in
+    one function: forward and backward each make one pass over x fewer than the layer plus
     `_ChannelMoments` (whose gradient autograd would add to the layer's in a third pass), and
     only a handful of operations per layer (the mean/variance arithmetic is done once for all
-    layers, in `BNStatsRecorder.recorded_flat`). `channel` (`_Channel`) holds constants, passed
-    as one argument and kept on `ctx` (not saved tensors), which keeps the per-call cost of the
-    function itself low (it runs once per BN layer); the broadcasting path uses its
-    [1, C, 1, 1] views directly (about 4 us a layer fewer than through `_affine` on the CPU)."""
+    layers, by `_Layout`). `channel` (`_Channel`) holds constants, passed as one argument and
+    kept on `ctx` (not saved tensors), which keeps the per-call cost of the function itself low
+    (it runs once per BN layer); the broadcasting path uses its [1, C, 1, 1] views directly
+    (about 4 us a layer fewer than through `_affine` on the CPU)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, channel: _Channel):  # type: ignore[override]
-        ctx.save_for_backward(x)
-        ctx.channel = channel
+    def forward(ctx, x: torch.Tensor, channel: _Channel, k: int):  # type: ignore[override]
         if _uses_batch_norm_kernels(x):
             y = _affine(x, channel.scale, channel.shift, channel[4:])
         else:
             y = torch.addcmul(channel.shift4d, x, channel.scale4d)
-        return (y,) + _moments(x)
+        first, second, saved = _moments(x, k)
+        ctx.save_for_backward(saved, first)
+        ctx.channel, ctx.k, ctx.shape = channel, k, x.shape
+        return y, first, second
 
     @staticmethod
-    def backward(ctx, g_y: torch.Tensor | None, g_s: torch.Tensor | None,
-                 g_h: torch.Tensor | None):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
+    def backward(ctx, g_y: torch.Tensor | None, g1: torch.Tensor | None,
+                 g2: torch.Tensor | None):  # type: ignore[override]
+        saved, first = ctx.saved_tensors
         channel = ctx.channel
-        if g_s is None and g_h is None:
-            return _affine(g_y, channel.scale, None, channel[4:]), None
-        if g_s is None or g_h is None or _uses_batch_norm_kernels(x):
-            grad = _moments_grad(x, g_s, g_h, channel[4:])
+        if g1 is None and g2 is None:
+            return _affine(g_y, channel.scale, None, channel[4:]), None, None
+        if ctx.k or g1 is None or g2 is None or _uses_batch_norm_kernels(saved):
+            grad = _moments_grad(saved, ctx.k, first, g1, g2, ctx.shape, channel[4:])
         else:  # g_s + 2 g_h x, broadcast
-            grad = torch.addcmul(g_s.view(1, -1, 1, 1), x, g_h.view(1, -1, 1, 1), value=2)
+            grad = torch.addcmul(g1.view(1, -1, 1, 1), saved, g2.view(1, -1, 1, 1), value=2)
         if g_y is not None:  # in place: a second activation-size temporary costs more than the add
             grad = grad.addcmul_(g_y, channel.scale4d)
-        return grad, None
+        return grad, None, None
 
 
 def _mean_var(s: torch.Tensor, h: torch.Tensor, inv_n: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,15 +219,63 @@ def _mean_var(s: torch.Tensor, h: torch.Tensor, inv_n: torch.Tensor | float) -> 
     return mean, (h * inv_n - mean * mean).clamp_(min=0)
 
 
-def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_ChannelMoments` (sums) of x in fp32 at least (also under bf16 autocast)."""
-    return _ChannelMoments.apply(x if x.dtype in (torch.float32, torch.float64) else x.float())
+class _Layout:
+    """Per-channel (mean, biased var) of several layers at once from their `_moments`, given
+    concatenated in layer order: sums (k = 0) are divided by their count, and the k column
+    groups of a channel (k >= 1, equally many values each) are merged, mean of the means and
+    mean of (variance + squared deviation of the group's mean). A handful of operations on the
+    concatenated vectors, whatever the number of layers; built once per input size."""
+
+    def __init__(self, sizes: list[int], groups: list[int], counts: list[int], device: torch.device) -> None:
+        factor, summed, channel, weight = [], [], [], []
+        self.channels: list[int] = []  # per layer
+        total = 0
+        for size, k, n in zip(sizes, groups, counts):
+            c = size // k if k else size
+            factor += [1.0 if k else 1.0 / n] * size
+            summed += [not k] * size
+            channel.append(torch.arange(size) % c + total)
+            weight += [1.0 / k if k else 1.0] * size
+            self.channels.append(c)
+            total += c
+        self.total = total
+        self.all_sums = all(summed)
+        self.factor = torch.tensor(factor).to(device, non_blocking=True) if any(summed) else None
+        self.summed = torch.tensor(summed).to(device, non_blocking=True) if any(summed) and not self.all_sums else None
+        merge = total != len(factor)
+        self.channel = torch.cat(channel).to(device, non_blocking=True) if merge else None
+        self.weight = torch.tensor(weight).to(device, non_blocking=True) if merge else None
+
+    def __call__(self, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.all_sums:
+            return _mean_var(first, second, self.factor)
+        if self.summed is not None:  # some layers gave sums, others (mean, var)
+            mean = first * self.factor
+            var = torch.where(self.summed, (second * self.factor - mean * mean).clamp(min=0), second)
+        else:
+            mean, var = first, second
+        if self.channel is None:
+            return mean, var
+        merged = torch.zeros(self.total, dtype=mean.dtype, device=mean.device).index_add_(
+            0, self.channel, mean * self.weight)
+        deviation = mean - merged[self.channel]
+        merged_var = torch.zeros_like(merged).index_add_(
+            0, self.channel, torch.addcmul(var, deviation, deviation) * self.weight)
+        return merged, merged_var
+
+
+def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`_ChannelMoments` of x in fp32 at least (also under bf16 autocast), and its k (`_groups`)."""
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    k = _groups(x)
+    return (*_ChannelMoments.apply(x, k), k)
 
 
 def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance over (B, H, W) of x [B, C, H, W], in fp32 (also under
     bf16 autocast), differentiable with respect to x."""
-    return _mean_var(*_channel_moments(x), 1.0 / (x.numel() // x.shape[1]))
+    first, second, k = _channel_moments(x)
+    return _Layout([first.numel()], [k], [x.numel() // x.shape[1]], x.device)(first, second)
 
 
 def _frozen_affine(module: nn.Module) -> _Channel | None:
@@ -228,9 +314,11 @@ class BNStatsRecorder:
     def __init__(self, layers: list[tuple[str, nn.Module]]) -> None:
         self.names = [n for n, _ in layers]
         self.modules = [m for _, m in layers]
-        self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)  # `_moments` sums
-        self.counts: list[int] = [0] * len(layers)  # elements per channel behind each layer's sums
-        self._inv_counts: dict[tuple, torch.Tensor] = {}  # (device, counts) -> 1 / count per channel
+        self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)  # `_moments`
+        self.groups: list[int] = [0] * len(layers)  # the k of each layer's `_moments`
+        self.counts: list[int] = [0] * len(layers)  # elements per channel behind each layer's statistics
+        self._layouts: dict[tuple, _Layout] = {}  # (device, counts, sizes, groups) -> its `_Layout`
+        self._layout: _Layout | None = None  # that of the last recorded_flat
         self._removed = False
         self._recorded: tuple[torch.Tensor, torch.Tensor] | None = None  # recorded_flat's result
         # index -> (state key, forward): the wrapped forward of each layer, rebuilt only when the
@@ -262,13 +350,15 @@ class BNStatsRecorder:
             self.counts[index] = x.numel() // x.shape[1]
             if torch.compiler.is_compiling():  # plain operations: the compiler fuses them with the layer
                 xf = x.float()
-                self.stats[index] = (xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)))
+                self.stats[index], self.groups[index] = (xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))), 0
                 return original(x)
             if affine is not None and x.dtype == torch.float32:
-                y, s, h = _FrozenBNWithMoments.apply(x, affine)
-                self.stats[index] = (s, h)
+                k = _groups(x)
+                y, first, second = _FrozenBNWithMoments.apply(x, affine, k)
+                self.stats[index], self.groups[index] = (first, second), k
                 return y
-            self.stats[index] = _channel_moments(x)
+            first, second, self.groups[index] = _channel_moments(x)
+            self.stats[index] = (first, second)
             return original(x)
         return forward
 
@@ -306,21 +396,21 @@ class BNStatsRecorder:
         if missing:
             raise RuntimeError(f"BN layers not reached by the forward pass: {missing[:3]}")
         if self._recorded is None:
-            sums = torch.cat([s for s, _ in self.stats])  # type: ignore[misc]
-            sizes = [s.numel() for s, _ in self.stats]  # type: ignore[misc]
-            key = (sums.device, tuple(self.counts), tuple(sizes))
-            inv_n = self._inv_counts.get(key)
-            if inv_n is None:  # built once per input size, not every iteration
-                inv_n = self._inv_counts[key] = torch.cat(
-                    [torch.full((c,), 1.0 / n) for c, n in zip(sizes, self.counts)]).to(sums.device, non_blocking=True)
-            self._recorded = _mean_var(sums, torch.cat([h for _, h in self.stats]), inv_n)  # type: ignore[misc]
+            first = torch.cat([f for f, _ in self.stats])  # type: ignore[misc]
+            sizes = [f.numel() for f, _ in self.stats]  # type: ignore[misc]
+            key = (first.device, tuple(self.counts), tuple(sizes), tuple(self.groups))
+            layout = self._layouts.get(key)
+            if layout is None:  # built once per input size, not every iteration
+                layout = self._layouts[key] = _Layout(sizes, self.groups, self.counts, first.device)
+            self._layout = layout
+            self._recorded = layout(first, torch.cat([h for _, h in self.stats]))  # type: ignore[misc]
         return self._recorded
 
     def recorded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(mean, biased var) of each layer's input in the last `recording()` block (views of
         `recorded_flat`)."""
         means, variances = self.recorded_flat()
-        sizes = [s.numel() for s, _ in self.stats]  # type: ignore[misc]
+        sizes = self._layout.channels
         return list(zip(means.split(sizes), variances.split(sizes)))
 
     def remove(self) -> None:

@@ -65,7 +65,8 @@ def _groups(x: torch.Tensor) -> int:
 def _wide(x: torch.Tensor, k: int) -> torch.Tensor:
     """A channels_last x [B, C, H, W] as the [B H W / k, k C] matrix whose rows are k neighbouring
     pixels side by side (a view): column j C + c holds channel c of the pixels j, j + k, j + 2k..."""
-    return x.permute(0, 2, 3, 1).reshape(-1, k * x.shape[1])
+    kc = k * x.shape[1]
+    return x.as_strided((x.numel() // kc, kc), (kc, 1))
 
 
 def _moments(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,7 +88,9 @@ def _moments(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch
     it is no faster. Each channel's k columns are combined by `_Layout`."""
     if k:
         wide = _wide(x, k)
-        return (*torch.batch_norm_update_stats(wide.t()[None, :, :, None], None, None, 0.0), wide)
+        rows, kc = wide.shape  # the kernel reads [1, k C, rows, 1] in channels_last: the same memory
+        return (*torch.batch_norm_update_stats(wide.as_strided((1, kc, rows, 1), (kc * rows, 1, kc, 1)), None,
+                                               None, 0.0), wide)
     b, c = x.shape[:2]
     if _is_channels_last(x):
         pixels = x.transpose(0, 1).reshape(c, -1)  # a view: [C, B H W] with the channels contiguous
@@ -148,14 +151,13 @@ def _moments_grad(saved: torch.Tensor, k: int, mean: torch.Tensor, g1: torch.Ten
         return _affine(saved, constants[0] if g2 is None else g2, constants[0] if g1 is None else g1, constants,
                        double=True)
     rows = saved.shape[0]
-    g1 = torch.zeros_like(mean) if g1 is None else g1
-    if g2 is None:
-        grad = (g1 / rows).expand_as(saved).clone()
-    else:
-        slope = g2 * (2.0 / rows)
-        grad = torch.addcmul(torch.addcmul(g1 * (1.0 / rows), mean, slope, value=-1), saved, slope)
+    if g1 is None or g2 is None:
+        g1 = torch.zeros_like(mean) if g1 is None else g1
+        g2 = torch.zeros_like(mean) if g2 is None else g2
+    slope = g2 * (2.0 / rows)  # (g1 / M - slope mean) + slope x
+    grad = torch.addcmul(torch.addcmul(g1 * (1.0 / rows), mean, slope, value=-1), saved, slope)
     b, c, h, w = shape
-    return grad.view(b, h, w, c).permute(0, 3, 1, 2)
+    return grad.as_strided((b, c, h, w), (h * w * c, 1, w * c, c))  # back to channels_last [B, C, H, W]
 
 
 class _ChannelMoments(torch.autograd.Function):

@@ -134,6 +134,19 @@ def test_tv_l1_gradient_written_out_matches_autograd() -> None:
     assert tv_l1(x).item() == pytest.approx(reference.item(), rel=1e-12)
 
 
+def test_tv_l1_backward_twice_through_a_retained_graph() -> None:
+    """Backward scales the gradient buffer in place; a second backward through the same graph
+    (retain_graph) rebuilds it and gives the same gradient, scaled by its own upstream gradient."""
+    from diode.synthesis.priors import tv_l1
+
+    x = torch.rand(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)
+    loss = tv_l1(x)
+    (first,) = torch.autograd.grad(3.0 * loss, x, retain_graph=True)
+    (second,) = torch.autograd.grad(-2.0 * loss, x)
+    assert first.abs().sum() > 0
+    assert torch.allclose(second, first * (-2.0 / 3.0))
+
+
 def test_tv_l1_of_an_image_one_pixel_high_counts_only_its_row() -> None:
     from diode.synthesis.priors import tv_l1
 

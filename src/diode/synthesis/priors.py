@@ -79,9 +79,9 @@ def bn_loss(recorded: list[tuple[torch.Tensor, torch.Tensor]], running: list[tup
     return loss(torch.cat([m.reshape(-1) for m, _ in recorded]), torch.cat([v.reshape(-1) for _, v in recorded]))
 
 
-# (first, second) index of each neighbour pair over the last two dims: down, right, both diagonals.
-_PAIRS = (((slice(None, -1), slice(None)), (slice(1, None), slice(None))),
-          ((slice(None), slice(None, -1)), (slice(None), slice(1, None))),
+# (first, second) index of each neighbour pair over the last two dims: right, down, both diagonals.
+_PAIRS = (((slice(None), slice(None, -1)), (slice(None), slice(1, None))),
+          ((slice(None, -1), slice(None)), (slice(1, None), slice(None))),
           ((slice(1, None), slice(None, -1)), (slice(None, -1), slice(1, None))),
           ((slice(None, -1), slice(None, -1)), (slice(1, None), slice(1, None))))
 
@@ -91,45 +91,53 @@ def _neighbour_differences(images: torch.Tensor) -> list[torch.Tensor]:
     return [images[..., a[0], a[1]] - images[..., b[0], b[1]] for a, b in _PAIRS]
 
 
+def _tv_l1_grad(images: torch.Tensor) -> torch.Tensor:
+    """The gradient G of tv_l1 at `images` (in fp32 at least), accumulated one direction at a
+    time while its signs are in cache (the first direction writes G: no zero fill; a single
+    direction's differences alive at a time)."""
+    dtype = torch.promote_types(images.dtype, torch.float32)
+    grad = torch.empty(images.shape, dtype=dtype, device=images.device)
+    grad[..., :, -1].zero_()  # the first direction (to the right) writes every other column
+    for k, (a, b) in enumerate(_PAIRS):
+        diff = images[..., a[0], a[1]] - images[..., b[0], b[1]]
+        if diff.numel() == 0:  # an image 1 px wide or high has no pairs in this direction
+            continue
+        sign, n = diff.sign_(), diff.numel()
+        if k == 0:
+            torch.mul(sign, 1.0 / n, out=grad[..., a[0], a[1]])
+        else:
+            grad[..., a[0], a[1]].add_(sign, alpha=1.0 / n)
+        grad[..., b[0], b[1]].sub_(sign, alpha=1.0 / n)
+    return grad
+
+
 class _TVL1(torch.autograd.Function):
     """tv_l1 with its gradient written out: sum over directions of mean |x_a - x_b|, gradient
     G = sign(x_a - x_b) / n added at a and subtracted at b. Same values and gradients as autograd
     through slicing and abs (which would build and add eight zero-padded image-size tensors in
-    backward). G is accumulated in the forward, one direction at a time while its signs are in
-    cache (the first direction writes G: no zero fill; a single direction's differences alive at
-    a time), and the value is the dot product x . G (the sum over pairs of
-    sign(x_a - x_b) (x_a - x_b) / n, regrouped by pixel: no abs and sum per direction); backward
-    is one multiply. Forward + backward 3.1-3.6x faster than autograd and 25-30 % faster than
+    backward). G is built in the forward (`_tv_l1_grad`), and the value is the dot product x . G
+    (the sum over pairs of sign(x_a - x_b) (x_a - x_b) / n, regrouped by pixel: no abs and sum
+    per direction); backward scales G in place (it is not needed again: no new image-size
+    tensor), and a second backward through the same graph (``retain_graph``) rebuilds G from the
+    saved images. Forward + backward 3.1-3.6x faster than autograd and 25-30 % faster than
     keeping the four directions' signs for backward (as before), on the 2-core CPU
     (benchmarks/loop_parts.py, results/perf.md)."""
 
     @staticmethod
     def forward(ctx, images: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        dtype = torch.promote_types(images.dtype, torch.float32)
-        grad = torch.empty(images.shape, dtype=dtype, device=images.device)
-        # The first direction (down) writes every row but the last. Rows, not columns: zeroing a
-        # column of a new image-size buffer touches one cache line per pixel of it (1.6 ms at batch
-        # 32 in the loop, results/perf.md session 9), a row a contiguous run.
-        grad[..., -1, :].zero_()
-        for k, (a, b) in enumerate(_PAIRS):
-            diff = images[..., a[0], a[1]] - images[..., b[0], b[1]]
-            if diff.numel() == 0:  # an image 1 px wide or high has no pairs in this direction
-                continue
-            sign, n = diff.sign_(), diff.numel()
-            if k == 0:
-                torch.mul(sign, 1.0 / n, out=grad[..., a[0], a[1]])
-            else:
-                grad[..., a[0], a[1]].add_(sign, alpha=1.0 / n)
-            grad[..., b[0], b[1]].sub_(sign, alpha=1.0 / n)
-        ctx.save_for_backward(grad)
-        ctx.dtype = images.dtype
+        grad = _tv_l1_grad(images)
+        ctx.save_for_backward(images)
+        ctx.grad = grad  # not a saved tensor: backward scales it in place
         # (a copy only for a non-contiguous or low-precision image)
-        return torch.dot(images.reshape(-1).to(dtype), grad.view(-1))
+        return torch.dot(images.reshape(-1).to(grad.dtype), grad.view(-1))
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_total.to(grad.dtype)).to(ctx.dtype)
+        (images,) = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:  # a second backward: G was scaled by the first
+            grad = _tv_l1_grad(images)
+        return grad.mul_(grad_total.to(grad.dtype)).to(images.dtype)
 
 
 def tv_l1(images: torch.Tensor) -> torch.Tensor:

@@ -149,10 +149,13 @@ def test_restores_a_forward_set_on_the_instance() -> None:
 
 @pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
-def test_fused_layer_same_output_and_gradient_as_layer_plus_stats(frozen: bool, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_fused_layer_same_output_and_gradient_as_layer_plus_stats(frozen: bool, dtype: torch.dtype,
+                                                                  memory_format: torch.memory_format) -> None:
     """While recording, a frozen BN runs fused with its statistics (fp32) or as the layer plus
     `channel_mean_var` (bf16 input): the network's output and the gradient of a loss on output
-    and statistics together match the unrecorded layers plus the written-out statistics."""
+    and statistics together match the unrecorded layers plus the written-out statistics, for
+    NCHW activations (per-channel sums) and channels_last ones (column groups of the wide view)."""
     torch.manual_seed(0)
     net = TinyNet(frozen).eval()
     if not frozen:
@@ -162,13 +165,15 @@ def test_fused_layer_same_output_and_gradient_as_layer_plus_stats(frozen: bool, 
                 m.bias.uniform_(-1, 1)
     for p in net.parameters():
         p.requires_grad_(False)
+    net = net.to(memory_format=memory_format)
     recorder = BNStatsRecorder(net.bn_layers())
-    x = torch.randn(2, 3, 5, 6, requires_grad=True)
+    x = torch.randn(2, 3, 5, 6).to(memory_format=memory_format).requires_grad_(True)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)  # noqa: E731
     with recorder.recording(), autocast():
         out = net(x).float()
     path = "_FrozenBNWithMoments" if dtype == torch.float32 else "_ChannelMoments"
     assert all(type(m1.grad_fn).__name__.startswith(path) for m1, _ in recorder.stats)
+    assert all((k > 0) == (memory_format == torch.channels_last) for k in recorder.groups)
     loss = out.square().sum() + sum(m.square().sum() + v.sum() for m, v in recorder.recorded())
     (grad,) = torch.autograd.grad(loss, x)
     x2 = x.detach().clone().requires_grad_(True)

@@ -46,7 +46,7 @@ def _uses_batch_norm_kernels(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.is_contiguous()
 
 
-_WIDE_COLUMNS = 128  # columns the CPU statistics kernel needs to vectorise well (benchmarks/bn_moments.py)
+_WIDE_COLUMNS = 128  # row width for the CPU statistics kernel (slow below 32 columns here; `_moments`)
 
 
 def _groups(x: torch.Tensor) -> int:
@@ -84,8 +84,8 @@ def _moments(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch
     uses; two passes, both moments, vectorised over a row) on that matrix, whose rows are at
     least 128 wide where the pixel count allows: over the bundled teacher's 58 BN inputs at batch
     32 that takes half the time of matrix-vector products of the [C, B H W] view with a vector of
-    ones and its squares (benchmarks/bn_moments.py), whereas on the rows of 12-48 channels alone
-    it is no faster. Each channel's k columns are combined by `_Layout`."""
+    ones and its squares (the session-8 way), whereas on rows of the 12-48 channels alone it takes
+    twice as long (benchmarks/bn_moments.py). Each channel's k columns are combined by `_Layout`."""
     if k:
         wide = _wide(x, k)
         rows, kc = wide.shape  # the kernel reads [1, k C, rows, 1] in channels_last: the same memory

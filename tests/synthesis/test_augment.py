@@ -240,7 +240,7 @@ def test_targets_stay_on_cpu(device: str) -> None:
 
 def test_roll_and_flip_together_match_torch_roll_then_flip_with_gradient() -> None:
     """The fused pixel permutation equals torch.roll followed by a flip, image by image, and its
-    gradient (a gather with the inverse permutation) equals autograd through roll and flip."""
+    gradient (a scatter through the same permutation) equals autograd through roll and flip."""
     from diode.synthesis.augment import _roll_flip
 
     x = images(4, 24, 40).requires_grad_(True)

@@ -198,7 +198,7 @@ class _FrozenBNWithMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, channel: _Channel, k: int):  # type: ignore[override]
-        if _uses_batch_norm_kernels(x):
+        if not k and _uses_batch_norm_kernels(x):  # (k > 0: channels_last, broadcast)
             y = _affine(x, channel.scale, channel.shift, channel[4:])
         else:
             y = torch.addcmul(channel.shift4d, x, channel.scale4d)

@@ -98,7 +98,8 @@ def augment_synthesis(images: torch.Tensor, targets: list[Target], cfg: SynthAug
     in_rows = ((ys >= ey[:, None]) & (ys < (ey + eh)[:, None])).to(images.dtype)  # [B, H]
     in_cols = ((xs >= ex[:, None]) & (xs < (ex + ew)[:, None])).to(images.dtype)  # [B, W]
     erased = (erase.to(images.dtype) * contrast.view(b))[:, None, None, None]
-    gain = contrast - erased * (in_rows[:, None, :, None] * in_cols[:, None, None, :])  # [B, 1, H, W]
+    # gain [B, 1, H, W] = contrast - erased * rows (x) cols, in one image-size pass
+    gain = torch.addcmul(contrast, erased * in_rows[:, None, :, None], in_cols[:, None, None, :], value=-1)
     offset = gain * (normal[:, 0, None, None, None] * cfg.brightness)
     out = torch.addcmul(offset, out, gain)
 

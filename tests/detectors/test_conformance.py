@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -275,6 +277,42 @@ def test_loss_mode_trains_heads_but_not_bn() -> None:
     with toy.loss_mode():
         assert toy.training and toy.drop.training and toy.conv.training
         assert not toy.bn.training and not toy.frozen.training
+    assert not any(m.training for m in toy.modules())
+
+
+class _KeepsDropoutOff(nn.Module):
+    """A module whose own train() keeps its dropout in eval mode (as MobileNetV2FPN keeps its BN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.bn = nn.BatchNorm2d(4)
+
+    def train(self, mode: bool = True) -> "_KeepsDropoutOff":
+        super().train(mode)
+        self.drop.eval()
+        return self
+
+
+@pytest.mark.parametrize("with_override", [False, True])
+def test_loss_mode_sets_what_train_then_eval_on_each_bn_layer_sets(with_override: bool) -> None:
+    """loss_mode() sets each module's flag directly when no module overrides train(), and calls
+    train() when one does: either way the modes are those of train() followed by eval() on every
+    BN layer (its submodules included), and a module's own train() is honoured."""
+    toy = _Toy()
+    toy.bn.add_module("inner", nn.Identity())  # a BN layer with a child: eval() reaches it too
+    if with_override:
+        toy.block = _KeepsDropoutOff()
+    toy.eval()
+    reference = copy.deepcopy(toy).train()
+    for _, bn in reference.bn_layers():
+        bn.eval()
+    expected = {name: m.training for name, m in reference.named_modules()}
+    assert not expected["bn.inner"] and expected["drop"]
+    if with_override:
+        assert not expected["block.drop"] and not expected["block.bn"] and expected["block"]
+    with toy.loss_mode():
+        assert {name: m.training for name, m in toy.named_modules()} == expected
     assert not any(m.training for m in toy.modules())
 
 

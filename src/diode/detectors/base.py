@@ -88,17 +88,25 @@ class Detector(nn.Module):
     @contextlib.contextmanager
     def loss_mode(self) -> Iterator["Detector"]:
         """Training-mode heads with every BN layer in eval mode; restores the previous modes."""
-        modes = [(m, m.training) for m in self.modules()]
-        self.train()
-        for _, bn in self.bn_layers():
-            bn.eval()
+        modules = list(self.modules())
+        modes = [(m, m.training) for m in modules]
+        if any(cls.train is not nn.Module.train for cls in {type(m) for m in modules}):
+            self.train()  # a module's own train() (e.g. one that keeps its BN frozen) has its say
+            for _, bn in self.bn_layers():
+                bn.eval()
+        else:
+            # What train() then eval() on each BN layer would leave, each flag set once: nn.Module's
+            # train() recurses through every child and sets the flag with its __setattr__, which
+            # made this ~1 ms a call on the bundled teacher (the synthesis loop enters it every
+            # iteration; benchmarks/loop_parts.py `loss_mode_ms`).
+            frozen = {id(sub) for m in modules if _has_running_stats(m) for sub in m.modules()}
+            for m in modules:
+                object.__setattr__(m, "training", id(m) not in frozen)
         try:
             yield self
         finally:
             # Each module's own flag back, without nn.Module's __setattr__: `m.train(flag)` on
             # every module would recurse into its children each time (quadratic in the depth).
-            # The synthesis loop enters this every iteration: ~3 ms a call on the bundled teacher
-            # before, ~1 ms now, mostly the detector's own `train()` (benchmarks/loop_parts.py).
             for m, training in modes:
                 object.__setattr__(m, "training", training)
 

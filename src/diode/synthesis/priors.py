@@ -5,6 +5,8 @@ All functions return unweighted scalar terms; the synthesizer weights them in on
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
 
@@ -86,9 +88,10 @@ _PAIRS = (((slice(None), slice(None, -1)), (slice(None), slice(1, None))),
           ((slice(None, -1), slice(None, -1)), (slice(1, None), slice(1, None))))
 
 
-def _neighbour_differences(images: torch.Tensor) -> list[torch.Tensor]:
-    """Differences to the right, down, and along both diagonals of images [B, C, H, W]."""
-    return [images[..., a[0], a[1]] - images[..., b[0], b[1]] for a, b in _PAIRS]
+def _neighbour_differences(images: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Differences to the right, down, and along both diagonals of images [B, C, H, W], in
+    `_PAIRS` order, one at a time (each built when the next is asked for)."""
+    return (images[..., a[0], a[1]] - images[..., b[0], b[1]] for a, b in _PAIRS)
 
 
 def _tv_l1_grad(images: torch.Tensor) -> torch.Tensor:
@@ -98,8 +101,7 @@ def _tv_l1_grad(images: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(images.dtype, torch.float32)
     grad = torch.empty(images.shape, dtype=dtype, device=images.device)
     grad[..., :, -1].zero_()  # the first direction (to the right) writes every other column
-    for k, (a, b) in enumerate(_PAIRS):
-        diff = images[..., a[0], a[1]] - images[..., b[0], b[1]]
+    for k, ((a, b), diff) in enumerate(zip(_PAIRS, _neighbour_differences(images))):
         if diff.numel() == 0:  # an image 1 px wide or high has no pairs in this direction
             continue
         sign, n = diff.sign_(), diff.numel()

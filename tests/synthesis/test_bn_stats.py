@@ -447,3 +447,151 @@ def test_layers_with_sums_and_with_column_groups_merge_together() -> None:
     assert torch.allclose(mean, torch.cat([m for m, _ in expected]))
     assert torch.allclose(var, torch.cat([v for _, v in expected]))
     assert torch.autograd.gradcheck(stats, tuple(xs))
+
+
+class Blocks(nn.Module):
+    """Three conv-BN pairs followed by activations (two in one Sequential) and a last BN that
+    ends its Sequential: the first three fold into their convs while recording, the last not."""
+
+    def __init__(self, frozen: bool = False, bias: bool = False) -> None:
+        super().__init__()
+        bn = FrozenBatchNorm2d if frozen else nn.BatchNorm2d
+        self.a = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=bias), bn(6), nn.SiLU(inplace=True))
+        self.b = nn.Sequential(nn.Conv2d(6, 5, 1, bias=bias), bn(5), nn.ReLU(inplace=True),
+                               nn.Conv2d(5, 4, 3, padding=1, bias=bias), bn(4), nn.SiLU(inplace=True))
+        self.c = nn.Sequential(nn.Conv2d(4, 4, 1), bn(4))
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                    m.running_mean.uniform_(-1, 1, generator=g)
+                    m.running_var.uniform_(0.5, 2, generator=g)
+                    m.weight.uniform_(0.5, 2, generator=g)
+                    m.bias.uniform_(-1, 1, generator=g)
+        self.eval().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x)))
+
+    def layers(self) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))]
+
+
+def _bn_inputs(net: Blocks, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The network's output and its BN layers' inputs, by hand (no recorder), differentiable."""
+    inputs = []
+
+    def run(seq: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
+        for m in seq:
+            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                inputs.append(h)
+            h = m(h) if not isinstance(m, (nn.SiLU, nn.ReLU)) else type(m)()(h)  # out of place
+        return h
+    out = run(net.c, run(net.b, run(net.a, x)))
+    return out, inputs
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["bn", "frozen-bn"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_conv_bn_pairs_fold_with_the_same_output_statistics_and_gradient(frozen: bool, bias: bool,
+                                                                           memory_format: torch.memory_format) -> None:
+    """Given the network, the recorder runs each conv-BN-activation triple of a Sequential as one
+    convolution (the BN in its weight and bias) and takes the statistics of its output back to
+    the BN input's: the network's output, every layer's statistics and the gradient of a loss on
+    output and statistics match the network run by hand; the BN that ends its Sequential is not
+    folded; the Sequentials and activations are left as they were."""
+    torch.manual_seed(0)
+    net = Blocks(frozen, bias).to(memory_format=memory_format)
+    recorder = BNStatsRecorder(net.layers(), root=net)
+    x = torch.randn(2, 3, 6, 8).to(memory_format=memory_format).requires_grad_(True)
+    for _ in range(2):  # the second recording reuses the folded forwards
+        with recorder.recording():
+            out = net(x)
+        assert [f is not None for f in recorder.folded] == [True, True, True, False]
+        means, variances = recorder.recorded_flat()
+        loss = out.square().sum() + means.square().sum() + variances.sum()
+        (grad,) = torch.autograd.grad(loss, x)
+    x2 = x.detach().clone().requires_grad_(True)
+    out2, inputs = _bn_inputs(net, x2)
+    stats = [manual_stats(h) for h in inputs]
+    expected_loss = out2.square().sum() + sum(m.square().sum() + v.sum() for m, v in stats)
+    (expected,) = torch.autograd.grad(expected_loss, x2)
+    assert torch.allclose(out, out2, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(means, torch.cat([m for m, _ in stats]), atol=1e-5, rtol=1e-4)
+    assert torch.allclose(variances, torch.cat([v for _, v in stats]), atol=1e-5, rtol=1e-4)
+    assert torch.allclose(grad, expected, atol=1e-4, rtol=1e-4)
+    assert all("forward" not in m.__dict__ for m in net.modules())
+    assert all(m.inplace for m in net.modules() if isinstance(m, (nn.SiLU, nn.ReLU)))
+    recorder.remove()
+
+
+def test_pairs_not_folded_where_the_fold_would_change_something() -> None:
+    """Hooks on the conv or the BN, a trainable conv, a channel with a near-zero scale, bf16
+    autocast or a Sequential with its own forward: those pairs run as modules (the BN fused with
+    its statistics or recording them), with the same statistics as by hand."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 8)
+
+    def folded(net: Blocks, autocast: bool = False) -> list[bool]:
+        recorder = BNStatsRecorder(net.layers(), root=net)
+        with recorder.recording(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            net(x)
+        stats = [manual_stats(h.float()) for h in _bn_inputs(net, x)[1]]
+        tol = 5e-2 if autocast else 1e-4
+        for (m, v), (m2, v2) in zip(recorder.recorded(), stats):
+            assert torch.allclose(m, m2, atol=tol, rtol=tol) and torch.allclose(v, v2, atol=tol, rtol=tol)
+        result = [f is not None for f in recorder.folded]
+        recorder.remove()
+        return result
+
+    assert folded(Blocks()) == [True, True, True, False]
+    net = Blocks()
+    handle = net.a[0].register_forward_hook(lambda m, i, o: None)
+    assert folded(net) == [False, True, True, False]
+    handle.remove()
+    assert folded(net) == [True, True, True, False]  # hooks gone: folded again
+    handle = net.b[4].register_forward_pre_hook(lambda m, i: None)
+    assert folded(net) == [True, True, False, False]
+    handle.remove()
+    net = Blocks()
+    net.b[0].weight.requires_grad_(True)
+    assert folded(net) == [True, False, True, False]
+    net = Blocks()
+    with torch.no_grad():
+        net.a[1].weight[2] = 1e-6  # that channel's x could not be told from y in fp32
+    assert folded(net) == [False, True, True, False]
+    assert folded(Blocks(), autocast=True) == [False, False, False, False]
+
+    class OwnForward(nn.Sequential):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x)
+    net = Blocks()
+    net.a = OwnForward(*net.a)
+    assert folded(net) == [False, True, True, False]
+
+
+def test_folded_pairs_follow_changes_to_the_conv_and_the_bn() -> None:
+    """A change to a folded BN's statistics or to its conv's weight between recordings is in the
+    next recording's output and statistics."""
+    torch.manual_seed(0)
+    net = Blocks()
+    recorder = BNStatsRecorder(net.layers(), root=net)
+    x = torch.randn(2, 3, 6, 8)
+
+    def check() -> None:
+        with recorder.recording():
+            out = net(x)
+        assert recorder.folded[0] is not None
+        out2, inputs = _bn_inputs(net, x)
+        assert torch.allclose(out, out2, atol=1e-5)
+        assert torch.allclose(recorder.recorded()[0][1], manual_stats(inputs[0])[1], rtol=1e-4)
+
+    check()
+    with torch.no_grad():
+        net.a[1].running_var.mul_(3.0)
+    check()
+    with torch.no_grad():
+        net.a[0].weight.mul_(-2.0)
+    check()
+    recorder.remove()

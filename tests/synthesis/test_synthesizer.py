@@ -280,6 +280,31 @@ def test_bn_terms_use_selected_layers_and_first_of_them() -> None:
     assert float(terms["bn_first"]) < float(terms["bn"])
 
 
+def test_the_teachers_conv_bn_pairs_run_folded_with_the_same_terms() -> None:
+    """The synthesizer's recorder folds every BN layer of yolo-lite into its conv (given the
+    teacher), and the task and BN terms and the images' gradient are those of the unfolded layers."""
+    from diode.synthesis.bn_stats import BNStatsRecorder
+
+    model = teacher().eval()
+    cfg = config(iterations=1, bn=BNConfig(normalize=True))
+    synth = Synthesizer(model, cfg)
+    images = torch.rand(2, 3, *SIZE)
+    results = []
+    for _ in range(2):
+        x = images.clone().requires_grad_(True)
+        total, terms = synth._losses(x, two_targets(), cfg.stages[0].weights, synth._bn_loss(), log=True)
+        total.backward()
+        results.append(({k: float(terms[k].detach()) for k in ("task", "bn", "bn_first")}, x.grad,
+                        [f is not None for f in synth.recorder.folded]))
+        synth.recorder.remove()
+        synth.recorder = BNStatsRecorder(model.bn_layers())  # no network given: nothing folded
+    synth.close()
+    (folded_terms, folded_grad, folded), (terms, grad, unfolded) = results
+    assert len(folded) == len(model.bn_layers()) and all(folded) and not any(unfolded)
+    assert folded_terms == pytest.approx(terms, rel=1e-4)
+    assert torch.allclose(folded_grad, grad, rtol=1e-3, atol=1e-3 * float(grad.abs().max()))
+
+
 def test_multi_resolution_with_a_fixed_input_size_teacher() -> None:
     """torchvision detectors take exactly image_size: a half-resolution stage optimises pixels at
     half resolution, upsampled, and the teacher always sees 64 x 64."""

@@ -447,6 +447,7 @@ class BNStatsRecorder:
     def _make_forward(self, index: int, original, affine: _Channel | None):
         def forward(x: torch.Tensor) -> torch.Tensor:
             self.counts[index] = x.numel() // x.shape[1]
+            self.folded[index] = None  # (run as a layer: moments of its input)
             if torch.compiler.is_compiling():  # plain operations: the compiler fuses them with the layer
                 xf = x.float()
                 self.stats[index], self.groups[index] = (xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))), 0

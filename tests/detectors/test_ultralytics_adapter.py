@@ -315,3 +315,32 @@ def test_registry_works_without_ultralytics(tmp_path: Path) -> None:
         print("ok")
     """, _clean_env(tmp_path))
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_conv_blocks_run_folded_while_recording_with_the_same_statistics() -> None:
+    """The adapter names ultralytics' Conv blocks (act(bn(conv(x)))): while recording, every BN
+    layer of yolov8n runs folded into its conv, and the task loss, the statistics and the
+    gradient to the images are those of the unfolded network."""
+    from diode.synthesis.bn_stats import BNStatsRecorder
+
+    detector = _calibrated(_build())
+    detector.requires_grad_(False)
+    blocks = detector.sequential_blocks()
+    assert blocks and all(set(n) == {"conv", "bn", "act"} for _, n in blocks)
+    results = []
+    for root in (detector, None):
+        recorder = BNStatsRecorder(detector.bn_layers(), root=root, blocks=blocks)
+        images = _images().requires_grad_(True)
+        with recorder.recording(), detector.loss_mode():
+            loss = detector.weighted_loss(detector.loss(images, _targets()))
+        means, variances = recorder.recorded_flat()
+        (loss + 0.01 * (means.square().sum() + variances.sum())).backward()
+        results.append((float(loss.detach()), means.detach(), variances.detach(), images.grad,
+                        [f is not None for f in recorder.folded]))
+        recorder.remove()
+    (loss, means, variances, grad, folded), (loss2, means2, variances2, grad2, unfolded) = results
+    assert all(folded) and not any(unfolded)
+    assert loss == pytest.approx(loss2, rel=1e-4)
+    assert torch.allclose(means, means2, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(variances, variances2, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(grad, grad2, rtol=1e-3, atol=1e-3 * float(grad2.abs().max()))

@@ -85,6 +85,13 @@ class Detector(nn.Module):
         """(name, module) of every layer with running statistics, in forward-definition order."""
         return [(name, m) for name, m in self.named_modules() if _has_running_stats(m)]
 
+    def sequential_blocks(self) -> list[tuple[nn.Module, tuple[str, ...]]]:
+        """Modules other than ``nn.Sequential`` whose forward is exactly their children of these
+        names applied in order (e.g. conv -> BN -> activation blocks): while synthesising, a frozen
+        BN between a conv and an activation in one of them (or in a Sequential) runs folded into
+        the conv (`BNStatsRecorder`). None here; adapters of model families name theirs."""
+        return []
+
     @contextlib.contextmanager
     def loss_mode(self) -> Iterator["Detector"]:
         """Training-mode heads with every BN layer in eval mode; restores the previous modes."""

@@ -121,6 +121,14 @@ class UltralyticsDetector(Detector):
         """ultralytics' DetectionModel: its loss is computed outside, on the head outputs."""
         return self.model
 
+    def sequential_blocks(self) -> list[tuple[nn.Module, tuple[str, ...]]]:
+        """ultralytics' ``Conv`` blocks (and subclasses keeping its forward, e.g. ``DWConv``):
+        ``act(bn(conv(x)))``."""
+        from ultralytics.nn.modules.conv import Conv
+
+        return [(m, ("conv", "bn", "act")) for m in self.model.modules()
+                if isinstance(m, Conv) and type(m).forward is Conv.forward and "forward" not in m.__dict__]
+
     def _check_size(self, images: torch.Tensor) -> None:
         if images.shape[-2] % self.max_stride or images.shape[-1] % self.max_stride:
             raise ValueError(f"input sides must be multiples of {self.max_stride} (as image_size {self.image_size} "

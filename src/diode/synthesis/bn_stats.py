@@ -331,27 +331,37 @@ def _passes_through(module: nn.Module) -> bool:
 
 
 class _Chain(NamedTuple):
-    """An `nn.Sequential` (its own forward) holding Conv2d -> selected BN -> activation triples:
-    `pairs` maps the position of each such conv to the recorder index of the BN after it."""
-    seq: nn.Sequential
+    """A module whose forward applies its children `names` in order (an `nn.Sequential` with its
+    own forward, or a block a detector declares) holding Conv2d -> selected BN -> activation
+    triples: `pairs` maps the position of each such conv to the recorder index of the BN after it."""
+    module: nn.Module
+    names: tuple[str, ...]
     children: tuple[nn.Module, ...]
     pairs: dict[int, int]
     activations: tuple[nn.Module, ...]
 
+    def unchanged(self) -> bool:
+        """Its children are still those found (and a Sequential has no others)."""
+        modules = self.module.__dict__["_modules"]
+        return (tuple(modules.get(n) for n in self.names) == self.children
+                and (not isinstance(self.module, nn.Sequential) or len(modules) == len(self.names)))
 
-def _chains(root: nn.Module, layers: list[nn.Module]) -> list[_Chain]:
-    """The Sequential containers under `root` in which a selected BN layer directly follows an
-    nn.Conv2d and is directly followed by an activation module."""
+
+def _chains(root: nn.Module, layers: list[nn.Module],
+            blocks: list[tuple[nn.Module, tuple[str, ...]]] = ()) -> list[_Chain]:
+    """The Sequential containers under `root`, and the `blocks` (module, names of the children
+    its forward applies in order), in which a selected BN layer directly follows an nn.Conv2d
+    and is directly followed by an activation module."""
     index = {id(m): i for i, m in enumerate(layers)}
+    candidates = [(m, tuple(m._modules)) for m in root.modules()
+                  if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward]
     found = []
-    for seq in root.modules():
-        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
-            continue
-        children = tuple(seq._modules.values())
+    for module, names in candidates + list(blocks):
+        children = tuple(module._modules.get(n) for n in names)
         pairs = {pos - 1: index[id(bn)] for pos, bn in enumerate(children[1:-1], start=1)
                  if id(bn) in index and type(children[pos - 1]) is nn.Conv2d and _passes_through(children[pos + 1])}
         if pairs:
-            found.append(_Chain(seq, children, pairs, tuple(children[pos + 2] for pos in pairs)))
+            found.append(_Chain(module, names, children, pairs, tuple(children[pos + 2] for pos in pairs)))
     return found
 
 
@@ -394,8 +404,10 @@ class BNStatsRecorder:
     the layers are untouched and cost nothing extra.
 
     Given the network (`root`), a frozen layer that sits in an `nn.Sequential` between an
-    `nn.Conv2d` and an activation module (the usual conv-BN-act block) is folded into the conv
-    while recording (fp32, no autocast): the Sequential runs the pair as one convolution with
+    `nn.Conv2d` and an activation module (the usual conv-BN-act block; or in one of `blocks`,
+    modules whose forward applies the named children in order, as a detector declares them:
+    `Detector.sequential_blocks`) is folded into the conv while recording (fp32, no autocast):
+    the container runs the pair as one convolution with
     the BN's scale and shift in its weight and bias, the moments are taken of its output y =
     scale * x + shift and taken back to x's, (mean_y - shift) / scale and var_y / scale^2, for
     all layers at once in `recorded_flat`, and the activation runs out of place (y is kept for
@@ -406,7 +418,8 @@ class BNStatsRecorder:
     `_FOLD_MIN_SCALE` of its shift, a Sequential with its own forward.
     """
 
-    def __init__(self, layers: list[tuple[str, nn.Module]], root: nn.Module | None = None) -> None:
+    def __init__(self, layers: list[tuple[str, nn.Module]], root: nn.Module | None = None,
+                 blocks: list[tuple[nn.Module, tuple[str, ...]]] = ()) -> None:
         self.names = [n for n, _ in layers]
         self.modules = [m for _, m in layers]
         self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)  # `_moments`
@@ -414,8 +427,8 @@ class BNStatsRecorder:
         self.counts: list[int] = [0] * len(layers)  # elements per channel behind each layer's statistics
         # the BN map of each layer folded into its conv in the last recording (its moments are of y)
         self.folded: list[_Channel | None] = [None] * len(layers)
-        self._chains = _chains(root, self.modules) if root is not None else []
-        self._chain_forwards: dict[int, tuple[tuple, Callable | None]] = {}  # id(seq) -> (key, forward)
+        self._chains = _chains(root, self.modules, blocks) if root is not None else []
+        self._chain_forwards: dict[int, tuple[tuple, Callable | None]] = {}  # id(module) -> (key, forward)
         self._unfold: tuple | None = None  # (folded maps, offset, inverse, inverse^2) of `_unfolding`
         self._layouts: dict[tuple, _Layout] = {}  # (device, counts, sizes, groups) -> its `_Layout`
         self._layout: _Layout | None = None  # that of the last recorded_flat
@@ -468,13 +481,13 @@ class BNStatsRecorder:
         children = chain.children
         key = tuple((self._forwards[i][0], self._state(children[pos]), _hooked(children[pos]),
                      _hooked(children[pos + 1])) for pos, i in chain.pairs.items())
-        cached = self._chain_forwards.get(id(chain.seq))
+        cached = self._chain_forwards.get(id(chain.module))
         if cached is None or cached[0] != key:
             folds: list[_Fold | None] = [None] * len(children)
             for pos, i in chain.pairs.items():
                 folds[pos] = _fold(i, children[pos], children[pos + 1], self._forwards[i][2])
             forward = self._make_chain_forward(children, folds) if any(folds) else None
-            cached = self._chain_forwards[id(chain.seq)] = (key, forward)
+            cached = self._chain_forwards[id(chain.module)] = (key, forward)
         return cached[1]
 
     def _make_chain_forward(self, children: tuple[nn.Module, ...], folds: list[_Fold | None]):
@@ -521,14 +534,14 @@ class BNStatsRecorder:
         for i, (m, d) in enumerate(zip(self.modules, dicts)):
             d["forward"] = self._forward_of(i, m)
         folding, inplace = [], []
-        for chain in self._chains:  # (a Sequential given a forward by someone else, or changed, is left alone)
-            seq = chain.seq.__dict__
-            if "forward" in seq or tuple(seq["_modules"].values()) != chain.children:
+        for chain in self._chains:  # (one given a forward by someone else, or changed, is left alone)
+            d = chain.module.__dict__
+            if "forward" in d or not chain.unchanged():
                 continue
             forward = self._chain_forward(chain)
             if forward is not None:
-                seq["forward"] = forward
-                folding.append(seq)
+                d["forward"] = forward
+                folding.append(d)
                 inplace += [a.__dict__ for a in chain.activations if a.__dict__.get("inplace") is True]
         for d in inplace:
             d["inplace"] = False
@@ -540,8 +553,8 @@ class BNStatsRecorder:
                     del d["forward"]
                 else:
                     d["forward"] = previous
-            for seq in folding:
-                del seq["forward"]
+            for d in folding:
+                del d["forward"]
             for d in inplace:
                 d["inplace"] = True
 

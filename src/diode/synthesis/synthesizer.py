@@ -83,7 +83,7 @@ class Synthesizer:
         self.cfg = cfg
         self.size_multiple = size_multiple
         layers = select_bn_layers(teacher.bn_layers(), cfg.bn.layers)
-        self.recorder = BNStatsRecorder(layers, root=teacher)
+        self.recorder = BNStatsRecorder(layers, root=teacher, blocks=teacher.sequential_blocks())
         self.device = next(teacher.parameters()).device
 
     def close(self) -> None:

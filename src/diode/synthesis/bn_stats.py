@@ -403,17 +403,17 @@ class BNStatsRecorder:
     moments are plain reductions, for the compiler to fuse with the layer. Outside `recording()`
     the layers are untouched and cost nothing extra.
 
-    Given the network (`root`), a frozen layer that sits in an `nn.Sequential` between an
-    `nn.Conv2d` and an activation module (the usual conv-BN-act block; or in one of `blocks`,
-    modules whose forward applies the named children in order, as a detector declares them:
+    Given the network (`root`), a frozen layer that sits between an `nn.Conv2d` and an
+    activation module in an `nn.Sequential` (the usual conv-BN-act block) or in one of `blocks`
+    (modules whose forward applies the named children in order, as a detector declares them:
     `Detector.sequential_blocks`) is folded into the conv while recording (fp32, no autocast):
-    the container runs the pair as one convolution with
-    the BN's scale and shift in its weight and bias, the moments are taken of its output y =
-    scale * x + shift and taken back to x's, (mean_y - shift) / scale and var_y / scale^2, for
-    all layers at once in `recorded_flat`, and the activation runs out of place (y is kept for
-    the moments' gradient). Same values as unfolded up to rounding; no affine pass over the
-    activation forward or backward and one activation-size tensor fewer kept per layer
-    (synthesis 7 % faster on the bundled teacher, results/perf.md). Not folded: a conv or BN
+    the container runs the pair as one convolution with the BN's scale and shift in its weight
+    and bias, the moments are taken of its output y = scale * x + shift and taken back to x's,
+    (mean_y - shift) / scale and var_y / scale^2, for all layers at once in `recorded_flat`, and
+    the activation runs out of place (y is kept for the moments' gradient). Same values as unfolded up to rounding; no affine pass over the
+    activation forward or backward and one activation-size tensor fewer kept per layer (a
+    synthesis iteration 5-6 % shorter for the bundled teacher at batch 32 on the 2-core CPU,
+    results/perf.md session 10). Not folded: a conv or BN
     with hooks, a trainable or non-fp32 conv, a channel whose scale is below
     `_FOLD_MIN_SCALE` of its shift, a Sequential with its own forward.
     """

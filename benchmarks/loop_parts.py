@@ -54,8 +54,9 @@ def main() -> None:
         rows.append({"shape": list(shape), "tv_l1_ms": timed["tv_l1"], "autograd_ms": timed["autograd"],
                      "ratio": round(timed["tv_l1"] / timed["autograd"], 3)})
 
-    teacher = load_detector("shapes-teacher", device=torch.device("cpu"))[0]
-    recorder = BNStatsRecorder(teacher.bn_layers())
+    teacher = load_detector("shapes-teacher", device=torch.device("cpu"))[0].eval().requires_grad_(False)
+    # as the synthesizer builds it: conv-BN pairs fold, so entering also installs their forwards
+    recorder = BNStatsRecorder(teacher.bn_layers(), root=teacher, blocks=teacher.sequential_blocks())
 
     def loss_mode() -> None:
         with teacher.loss_mode():

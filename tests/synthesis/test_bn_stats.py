@@ -554,6 +554,9 @@ def test_pairs_not_folded_where_the_fold_would_change_something() -> None:
     handle = net.b[4].register_forward_pre_hook(lambda m, i: None)
     assert folded(net) == [True, True, False, False]
     handle.remove()
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)  # every module's
+    assert folded(net) == [False, False, False, False]
+    handle.remove()
     net = Blocks()
     net.b[0].weight.requires_grad_(True)
     assert folded(net) == [True, False, True, False]

@@ -14,6 +14,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from diode.errors import DiodeError
@@ -314,14 +315,17 @@ _FOLD_MIN_SCALE = 1e-3  # smallest |scale| / max(1, |shift|) of a channel folded
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Whether calling `module` runs hooks (its own or global ones) that a fold would skip."""
+    """Whether calling `module` runs hooks of its own, which a fold would skip (global ones:
+    `_global_hooks`)."""
     d = module.__dict__
-    if any(d.get(name) for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                                    "_backward_pre_hooks")):
-        return True
-    from torch.nn.modules import module as nn_module
-    return any(getattr(nn_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                                           "_global_backward_hooks", "_global_backward_pre_hooks"))
+    return bool(d.get("_forward_hooks") or d.get("_forward_pre_hooks") or d.get("_backward_hooks")
+                or d.get("_backward_pre_hooks"))
+
+
+def _global_hooks() -> bool:
+    """Whether hooks registered for every module are set (a fold would skip them)."""
+    return any(getattr(_nn_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                            "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 def _passes_through(module: nn.Module) -> bool:
@@ -534,7 +538,8 @@ class BNStatsRecorder:
         for i, (m, d) in enumerate(zip(self.modules, dicts)):
             d["forward"] = self._forward_of(i, m)
         folding, inplace = [], []
-        for chain in self._chains:  # (one given a forward by someone else, or changed, is left alone)
+        chains = () if _global_hooks() else self._chains
+        for chain in chains:  # (one given a forward by someone else, or changed, is left alone)
             d = chain.module.__dict__
             if "forward" in d or not chain.unchanged():
                 continue

@@ -14,10 +14,10 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _nn_module
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from diode.errors import DiodeError
+from diode.synthesis.bn_fold import Chain, Fold, chains, fold, global_hooks, hooked
 
 
 def select_bn_layers(layers: list[tuple[str, nn.Module]], selection: str | int | None) -> list[tuple[str, nn.Module]]:
@@ -311,91 +311,6 @@ def _frozen_affine(module: nn.Module) -> _Channel | None:
     return _channel(scale, shift)
 
 
-_FOLD_MIN_SCALE = 1e-3  # smallest |scale| / max(1, |shift|) of a channel folded into its conv
-
-
-def _hooked(module: nn.Module) -> bool:
-    """Whether calling `module` runs hooks of its own, which a fold would skip (global ones:
-    `_global_hooks`)."""
-    d = module.__dict__
-    return bool(d.get("_forward_hooks") or d.get("_forward_pre_hooks") or d.get("_backward_hooks")
-                or d.get("_backward_pre_hooks"))
-
-
-def _global_hooks() -> bool:
-    """Whether hooks registered for every module are set (a fold would skip them)."""
-    return any(getattr(_nn_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                                            "_global_backward_hooks", "_global_backward_pre_hooks"))
-
-
-def _passes_through(module: nn.Module) -> bool:
-    """An activation module of torch.nn (or Identity): reads its input and, with its `inplace`
-    flag off, leaves it untouched."""
-    return isinstance(module, nn.Identity) or type(module).__module__ == nn.SiLU.__module__
-
-
-class _Chain(NamedTuple):
-    """A module whose forward applies its children `names` in order (an `nn.Sequential` with its
-    own forward, or a block a detector declares) holding Conv2d -> selected BN -> activation
-    triples: `pairs` maps the position of each such conv to the recorder index of the BN after it."""
-    module: nn.Module
-    names: tuple[str, ...]
-    children: tuple[nn.Module, ...]
-    pairs: dict[int, int]
-    activations: tuple[nn.Module, ...]
-
-    def unchanged(self) -> bool:
-        """Its children are still those found (and a Sequential has no others)."""
-        modules = self.module.__dict__["_modules"]
-        return (tuple(modules.get(n) for n in self.names) == self.children
-                and (not isinstance(self.module, nn.Sequential) or len(modules) == len(self.names)))
-
-
-def _chains(root: nn.Module, layers: list[nn.Module],
-            blocks: list[tuple[nn.Module, tuple[str, ...]]] = ()) -> list[_Chain]:
-    """The Sequential containers under `root`, and the `blocks` (module, names of the children
-    its forward applies in order), in which a selected BN layer directly follows an nn.Conv2d
-    and is directly followed by an activation module."""
-    index = {id(m): i for i, m in enumerate(layers)}
-    candidates = [(m, tuple(m._modules)) for m in root.modules()
-                  if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward]
-    found = []
-    for module, names in candidates + list(blocks):
-        children = tuple(module._modules.get(n) for n in names)
-        pairs = {pos - 1: index[id(bn)] for pos, bn in enumerate(children[1:-1], start=1)
-                 if id(bn) in index and type(children[pos - 1]) is nn.Conv2d and _passes_through(children[pos + 1])}
-        if pairs:
-            found.append(_Chain(module, names, children, pairs, tuple(children[pos + 2] for pos in pairs)))
-    return found
-
-
-class _Fold(NamedTuple):
-    """A conv and the frozen BN after it as one convolution, y = conv(x; weight * scale, bias *
-    scale + shift), with the BN's affine map (`_Channel`) to take y's statistics back to x's."""
-    index: int
-    conv: nn.Conv2d
-    weight: torch.Tensor
-    bias: torch.Tensor
-    channel: _Channel
-
-
-def _fold(index: int, conv: nn.Conv2d, bn: nn.Module, channel: _Channel | None) -> _Fold | None:
-    """The `_Fold` of conv and bn, or None where they cannot run as one: a BN that is not a fixed
-    affine map now (`channel` None), a conv that is not a plain frozen fp32 nn.Conv2d, hooks on
-    either, or a channel whose scale is too small to divide its statistics by."""
-    weight = conv.weight
-    if (channel is None or "forward" in conv.__dict__ or weight.dtype != torch.float32
-            or any(p.requires_grad for p in conv.parameters(recurse=False)) or _hooked(conv) or _hooked(bn)):
-        return None
-    scale, shift = channel.scale, channel.shift
-    if not bool((scale.abs() >= _FOLD_MIN_SCALE * shift.abs().clamp(min=1.0)).all()):
-        return None
-    with torch.no_grad():
-        folded = weight * scale.view(-1, 1, 1, 1)  # keeps the weight's memory format
-        bias = shift if conv.bias is None else torch.addcmul(shift, conv.bias, scale)
-    return _Fold(index, conv, folded, bias, channel)
-
-
 class BNStatsRecorder:
     """Records (mean, biased var) over (B, H, W) of each selected BN layer's input.
 
@@ -410,16 +325,17 @@ class BNStatsRecorder:
     Given the network (`root`), a frozen layer that sits between an `nn.Conv2d` and an
     activation module in an `nn.Sequential` (the usual conv-BN-act block) or in one of `blocks`
     (modules whose forward applies the named children in order, as a detector declares them:
-    `Detector.sequential_blocks`) is folded into the conv while recording (fp32, no autocast):
-    the container runs the pair as one convolution with the BN's scale and shift in its weight
-    and bias, the moments are taken of its output y = scale * x + shift and taken back to x's,
-    (mean_y - shift) / scale and var_y / scale^2, for all layers at once in `recorded_flat`, and
-    the activation runs out of place (y is kept for the moments' gradient). Same values as unfolded up to rounding; no affine pass over the
-    activation forward or backward and one activation-size tensor fewer kept per layer (a
-    synthesis iteration 5-6 % shorter for the bundled teacher at batch 32 on the 2-core CPU,
-    results/perf.md session 10). Not folded: a conv or BN
-    with hooks, a trainable or non-fp32 conv, a channel whose scale is below
-    `_FOLD_MIN_SCALE` of its shift, a Sequential with its own forward.
+    `Detector.sequential_blocks`) is folded into the conv while recording (fp32, no autocast;
+    `bn_fold`): the container runs the pair as one convolution with the BN's scale and shift in
+    its weight and bias, the moments are taken of its output y = scale * x + shift and taken back
+    to x's, (mean_y - shift) / scale and var_y / scale^2, for all layers at once in
+    `recorded_flat`, and the activation runs out of place (y is kept for the moments' gradient).
+    Same values as unfolded up to rounding; no affine pass over the activation forward or
+    backward and one activation-size tensor fewer kept per layer (a synthesis iteration 5-6 %
+    shorter and 17 % less peak memory for the bundled teacher at batch 32 on the 2-core CPU,
+    results/perf.md session 10). Not folded (`bn_fold.fold`): a conv or BN with hooks, a
+    trainable or non-fp32 conv, a channel whose scale is too small to divide by, a Sequential
+    subclass with its own forward.
     """
 
     def __init__(self, layers: list[tuple[str, nn.Module]], root: nn.Module | None = None,
@@ -431,7 +347,7 @@ class BNStatsRecorder:
         self.counts: list[int] = [0] * len(layers)  # elements per channel behind each layer's statistics
         # the BN map of each layer folded into its conv in the last recording (its moments are of y)
         self.folded: list[_Channel | None] = [None] * len(layers)
-        self._chains = _chains(root, self.modules, blocks) if root is not None else []
+        self._chains = chains(root, self.modules, blocks) if root is not None else []
         self._chain_forwards: dict[int, tuple[tuple, Callable | None]] = {}  # id(module) -> (key, forward)
         self._unfold: tuple | None = None  # (folded maps, offset, inverse, inverse^2) of `_unfolding`
         self._layouts: dict[tuple, _Layout] = {}  # (device, counts, sizes, groups) -> its `_Layout`
@@ -479,31 +395,31 @@ class BNStatsRecorder:
             return original(x)
         return forward
 
-    def _chain_forward(self, chain: _Chain) -> Callable | None:
-        """The folding forward of a Sequential (`_Chain`) for its pairs' current states (after
+    def _chain_forward(self, chain: Chain) -> Callable | None:
+        """The folding forward of a `Chain` for its pairs' current states (after
         `_forward_of` for its layers), or None where no pair folds; cached like `_forward_of`."""
         children = chain.children
-        key = tuple((self._forwards[i][0], self._state(children[pos]), _hooked(children[pos]),
-                     _hooked(children[pos + 1])) for pos, i in chain.pairs.items())
+        key = tuple((self._forwards[i][0], self._state(children[pos]), hooked(children[pos]),
+                     hooked(children[pos + 1])) for pos, i in chain.pairs.items())
         cached = self._chain_forwards.get(id(chain.module))
         if cached is None or cached[0] != key:
-            folds: list[_Fold | None] = [None] * len(children)
+            folds: list[Fold | None] = [None] * len(children)
             for pos, i in chain.pairs.items():
-                folds[pos] = _fold(i, children[pos], children[pos + 1], self._forwards[i][2])
+                folds[pos] = fold(i, children[pos], children[pos + 1], self._forwards[i][2])
             forward = self._make_chain_forward(children, folds) if any(folds) else None
             cached = self._chain_forwards[id(chain.module)] = (key, forward)
         return cached[1]
 
-    def _make_chain_forward(self, children: tuple[nn.Module, ...], folds: list[_Fold | None]):
+    def _make_chain_forward(self, children: tuple[nn.Module, ...], folds: list[Fold | None]):
         n = len(children)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             pos = 0
             while pos < n:
-                fold = folds[pos]
-                if (fold is not None and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+                pair = folds[pos]
+                if (pair is not None and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
                         and not torch.compiler.is_compiling()):
-                    x = self._run_fold(fold, x)
+                    x = self._run_fold(pair, x)
                     pos += 2  # the BN is in the convolution
                 else:
                     x = children[pos](x)
@@ -511,11 +427,11 @@ class BNStatsRecorder:
             return x
         return forward
 
-    def _run_fold(self, fold: _Fold, x: torch.Tensor) -> torch.Tensor:
-        y = fold.conv._conv_forward(x, fold.weight, fold.bias)
+    def _run_fold(self, pair: Fold, x: torch.Tensor) -> torch.Tensor:
+        y = pair.conv._conv_forward(x, pair.weight, pair.bias)
         first, second, k = _channel_moments(y)
-        i = fold.index
-        self.stats[i], self.groups[i], self.folded[i] = (first, second), k, fold.channel
+        i = pair.index
+        self.stats[i], self.groups[i], self.folded[i] = (first, second), k, pair.channel
         self.counts[i] = y.numel() // y.shape[1]
         return y
 
@@ -538,8 +454,9 @@ class BNStatsRecorder:
         for i, (m, d) in enumerate(zip(self.modules, dicts)):
             d["forward"] = self._forward_of(i, m)
         folding, inplace = [], []
-        chains = () if _global_hooks() else self._chains
-        for chain in chains:  # (one given a forward by someone else, or changed, is left alone)
+        # A module given a forward by someone else, or whose children changed, is left alone;
+        # with hooks registered for every module nothing folds.
+        for chain in () if global_hooks() else self._chains:
             d = chain.module.__dict__
             if "forward" in d or not chain.unchanged():
                 continue

@@ -417,8 +417,8 @@ class BNStatsRecorder:
             pos = 0
             while pos < n:
                 pair = folds[pos]
-                if (pair is not None and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
-                        and not torch.compiler.is_compiling()):
+                if (pair is not None and not torch.compiler.is_compiling() and x.dtype == torch.float32
+                        and not torch.is_autocast_enabled(x.device.type)):
                     x = self._run_fold(pair, x)
                     pos += 2  # the BN is in the convolution
                 else:

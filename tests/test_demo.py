@@ -9,11 +9,12 @@ from diode.cli import main
 
 def test_demo_quick(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--seed", "7"]) == 0
     printed = capsys.readouterr().out
     assert "teacher mAP@.5" in printed and "student mAP@.5" in printed and "report.html" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["teacher_map_50"] > 0.7  # the bundled teacher on fresh real images
     assert 0.0 <= summary["student_map_50"] <= 1.0
     assert summary["synthetic_images"] == 32 and summary["verifier_agreement"] is not None
+    assert summary["seed"] == 7
     assert (out / "report.html").exists() and (out / "synthetic" / "manifest.jsonl").exists()

@@ -416,7 +416,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from diode.demo import run_demo
 
     out = Path(args.out)
-    result = run_demo(out, quick=args.quick, device=_device(args.device))
+    seed = {} if args.seed is None else {"seed": args.seed}
+    result = run_demo(out, quick=args.quick, device=_device(args.device), **seed)
     print(f"demo finished in {result.seconds / 60:.1f} min: teacher mAP@.5 {result.teacher_map_50:.3f}, "
           f"student mAP@.5 {result.student_map_50:.3f} (distilled from synthetic images only; teacher "
           f"agreement on them {result.teacher_agreement:.3f}), both on fresh real val images; "
@@ -583,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help="output folder (default runs/demo, or runs/demo-quick)")
     demo.add_argument("--quick", action="store_true", help="smoke-sized run of the same pipeline")
     demo.add_argument("--device", default="auto")
+    demo.add_argument("--seed", type=int, help="seed of the real val images, the synthesis and the distillation "
+                                               "(default: the demo's own, fixed; another seed measures the spread)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -30,6 +30,7 @@ from diode.report.html import write_report
 from diode.synthesis.recipes import build_config, load_recipe
 
 DEMO_RECIPE = "fast-multibox"
+DEMO_SEED = 1234  # real val images, synthesis and distillation (`diode demo --seed` for another run)
 
 
 @dataclass
@@ -54,7 +55,7 @@ class DemoResult:
 
 
 def run_demo(out_dir: Path, *, quick: bool = False, teacher_name: str = "shapes-teacher",
-             student_arch: str = "yolo-lite-s-p2", seed: int = 1234, device: torch.device | str = "cpu",
+             student_arch: str = "yolo-lite-s-p2", seed: int = DEMO_SEED, device: torch.device | str = "cpu",
              progress: bool = True, log=print) -> DemoResult:
     """Run the whole pipeline into `out_dir` (resumable: finished synthesis batches are kept)."""
     size = QUICK if quick else FULL
@@ -68,7 +69,7 @@ def run_demo(out_dir: Path, *, quick: bool = False, teacher_name: str = "shapes-
     val = open_dataset(data_dir / "val")
     val_images, val_targets = val.load_all(teacher.image_size)
 
-    command = f"diode demo{' --quick' if quick else ''}"
+    command = f"diode demo{' --quick' if quick else ''}{f' --seed {seed}' if seed != DEMO_SEED else ''}"
     log(f"[2/4] synthesizing {size.synth_images} images from {teacher_name} ({size.iterations} iterations each)")
     cfg = build_config(load_recipe(DEMO_RECIPE), iterations=size.iterations, source=f"recipe {DEMO_RECIPE}")
     # The bundled verifier (an independently trained yolo-lite-n) measures whether the images carry
@@ -92,7 +93,7 @@ def run_demo(out_dir: Path, *, quick: bool = False, teacher_name: str = "shapes-
         shown = student.predict(val_images[:16].to(device).float() / 255, score_thresh=0.3)
     save_grid(out_dir / "student_predictions.png", val_images[:16], shown, teacher.class_names)
     summary = {
-        "teacher": teacher_name, "student": student_arch, "quick": quick,
+        "teacher": teacher_name, "student": student_arch, "quick": quick, "seed": seed,
         "teacher_map_50": teacher_metrics["map_50"], "teacher_map": teacher_metrics["map"],
         "student_map_50": student_metrics["map_50"], "student_map": student_metrics["map"],
         "student_fraction_of_teacher_map_50": (student_metrics["map_50"] / teacher_metrics["map_50"]

@@ -18,3 +18,11 @@ def test_demo_quick(tmp_path, capsys):
     assert summary["synthetic_images"] == 32 and summary["verifier_agreement"] is not None
     assert summary["seed"] == 7
     assert (out / "report.html").exists() and (out / "synthetic" / "manifest.jsonl").exists()
+    # Another seed or size into the same folder: one clear error before anything there is rewritten.
+    real = sorted((out / "real" / "val" / "images").iterdir())[0]
+    before = real.read_bytes()
+    for flags, message in ((["--quick", "--seed", "8"], "--seed 7 (--seed 8 here)"),
+                           (["--seed", "7"], "holds a --quick demo run (this one is full)")):
+        assert main(["demo", "--out", str(out), "--device", "cpu", *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert real.read_bytes() == before

@@ -11,6 +11,7 @@ the budget goes to many short KD epochs over a few hundred images.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from diode.config import TrainConfig
 from diode.data import open_dataset
 from diode.data.shapes import generate_shapes
 from diode.detectors.checkpoint import bundled_models, load_detector
+from diode.errors import DiodeError
 from diode.distill.sources import load_transfer_set
 from diode.evaluation import evaluate_detector
 from diode.io import atomic_write_json
@@ -54,13 +56,38 @@ class DemoResult:
     seconds: float
 
 
+def _claim_folder(out_dir: Path, seed: int, quick: bool) -> None:
+    """Refuse a folder holding a demo of another seed or size before anything in it is rewritten
+    (its real val images would be rendered again over those its results were scored on); else
+    record this run's in `demo.json`. A folder from before `demo.json` was written holds the fixed
+    seed (`--seed` did not exist)."""
+    spec_path = out_dir / "demo.json"
+    if spec_path.exists():
+        held = json.loads(spec_path.read_text())
+    elif (out_dir / "summary.json").exists():
+        summary = json.loads((out_dir / "summary.json").read_text())
+        held = {"seed": summary.get("seed", DEMO_SEED), "quick": summary.get("quick")}
+    elif (out_dir / "real").exists():
+        held = {"seed": DEMO_SEED}
+    else:
+        held = {}
+    if held.get("seed", seed) != seed:
+        raise DiodeError(f"{out_dir}: holds a demo run with --seed {held['seed']} (--seed {seed} here); "
+                         "rerun its own command or choose another --out")
+    if held.get("quick") is not None and held["quick"] != quick:
+        raise DiodeError(f"{out_dir}: holds a {'--quick' if held['quick'] else 'full'} demo run (this one is "
+                         f"{'--quick' if quick else 'full'}); rerun its own command or choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(spec_path, {"seed": seed, "quick": quick})
+
+
 def run_demo(out_dir: Path, *, quick: bool = False, teacher_name: str = "shapes-teacher",
              student_arch: str = "yolo-lite-s-p2", seed: int = DEMO_SEED, device: torch.device | str = "cpu",
              progress: bool = True, log=print) -> DemoResult:
     """Run the whole pipeline into `out_dir` (resumable: finished synthesis batches are kept)."""
     size = QUICK if quick else FULL
     start = time.time()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _claim_folder(out_dir, seed, quick)
     teacher, _ = load_detector(teacher_name, device=device)
 
     log(f"[1/4] rendering {size.val_images} real validation images (never used for training)")

@@ -26,3 +26,12 @@ def test_demo_quick(tmp_path, capsys):
         assert main(["demo", "--out", str(out), "--device", "cpu", *flags]) == 2
         assert message in capsys.readouterr().err
     assert real.read_bytes() == before
+
+
+def test_demo_folder_with_an_unreadable_spec_is_refused(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo.json").write_text("not json")
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 2
+    assert "demo.json: not a readable JSON file" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["demo.json"]

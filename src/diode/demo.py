@@ -22,8 +22,8 @@ from diode.config import TrainConfig
 from diode.data import open_dataset
 from diode.data.shapes import generate_shapes
 from diode.detectors.checkpoint import bundled_models, load_detector
-from diode.errors import DiodeError
 from diode.distill.sources import load_transfer_set
+from diode.errors import DiodeError
 from diode.evaluation import evaluate_detector
 from diode.io import atomic_write_json
 from diode.pipeline import synthesize_dataset, train_student
@@ -56,6 +56,16 @@ class DemoResult:
     seconds: float
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DiodeError(f"{path}: not a readable JSON file ({err}); choose another --out") from None
+    if not isinstance(data, dict):
+        raise DiodeError(f"{path}: not a JSON object; choose another --out")
+    return data
+
+
 def _claim_folder(out_dir: Path, seed: int, quick: bool) -> None:
     """Refuse a folder holding a demo of another seed or size before anything in it is rewritten
     (its real val images would be rendered again over those its results were scored on); else
@@ -63,9 +73,9 @@ def _claim_folder(out_dir: Path, seed: int, quick: bool) -> None:
     seed (`--seed` did not exist)."""
     spec_path = out_dir / "demo.json"
     if spec_path.exists():
-        held = json.loads(spec_path.read_text())
+        held = _read_json(spec_path)
     elif (out_dir / "summary.json").exists():
-        summary = json.loads((out_dir / "summary.json").read_text())
+        summary = _read_json(out_dir / "summary.json")
         held = {"seed": summary.get("seed", DEMO_SEED), "quick": summary.get("quick")}
     elif (out_dir / "real").exists():
         held = {"seed": DEMO_SEED}
